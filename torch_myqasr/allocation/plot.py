@@ -24,6 +24,7 @@ def plot_scheme(scheme: Scheme, path: str | os.PathLike, *, title: str | None = 
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.patches import Patch
 
     names = list(scheme.layers)
     bits = [scheme.layers[n].bits for n in names]
@@ -36,12 +37,12 @@ def plot_scheme(scheme: Scheme, path: str | os.PathLike, *, title: str | None = 
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
     ax.bar(range(len(names)), bits, width=0.9, color=[color[f] for f in formats])
-    for f in kinds:  # legend entries, one per format in use
-        ax.bar([], [], color=color[f], label=f)
-    if names:
-        ax.legend(loc="upper right", fontsize=8, ncol=len(kinds))
+    if names:  # one legend entry per format in use, above the bars
+        handles = [Patch(color=color[f], label=f) for f in kinds]
+        ax.legend(handles=handles, loc="upper right", fontsize=8, ncol=len(kinds))
+        ax.set_ylim(0, max(bits) * 1.3)
     ax.set_xlabel("layer (model order)")
-    ax.set_ylabel("bits per weight")
+    ax.set_ylabel("bits per weight value")
     ax.set_xlim(-0.5, max(len(names), 1) - 0.5)
     if len(names) <= 40:
         ax.set_xticks(range(len(names)))
