@@ -1,0 +1,176 @@
+"""Weight quantization math, reservoir observers' statistics and sensitivity scores (tiny tensors)."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from torch_myqasr.quantizer.dequant_op import dequantize_groupwise_op
+from torch_myqasr.quantizer.observers import LayerStatistics, ReservoirSampler, conv1d_patches
+from torch_myqasr.quantizer.weight_quant import (
+    as_matrix,
+    dequantize_groupwise,
+    quantize_groupwise,
+    search_clip_ratio,
+)
+from torch_myqasr.sensitivity import (
+    SCORES,
+    check_score,
+    cosine_distance,
+    kl_distance,
+    layer_distortions,
+    stat_score,
+)
+
+
+def _w(n=24, k=40, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, k, generator=g) * 0.05
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_codes_follow_the_formats_contract(bits):
+    w = _w()
+    c = quantize_groupwise(w, bits, 16, clip_ratio=1.0)
+    assert c.codes.dtype == torch.uint8 and c.codes.shape == (24, 48)  # K=40 padded to 48
+    assert c.scale.dtype == torch.float16 and c.zero.dtype == torch.float16
+    assert c.scale.shape == c.zero.shape == (24, 3)
+    assert int(c.codes.max()) <= 2**bits - 1
+    assert float(c.zero.min()) >= 0 and float(c.zero.max()) <= 2**bits - 1
+    # w = (q - zero) * scale, by hand, and the padding dequantizes to (almost) zero.
+    g = c.codes.view(24, 3, 16).float()
+    by_hand = ((g - c.zero.float()[..., None]) * c.scale.float()[..., None]).view(24, 48)
+    deq = dequantize_groupwise(c.codes, c.scale, c.zero, 16)
+    assert torch.equal(deq, by_hand)
+    # round-to-nearest without clipping: error at most half a step per group
+    step = c.scale.float().repeat_interleave(16, dim=1)
+    assert bool(((deq[:, :40] - w).abs() <= step[:, :40] / 2 + 1e-6).all())
+    assert bool((deq[:, 40:].abs() <= step[:, 40:] / 2 + 1e-6).all())
+
+
+def test_more_bits_less_error_and_conv_shape():
+    w = torch.randn(6, 4, 3, generator=torch.Generator().manual_seed(1))
+    errs = []
+    for bits in (2, 4, 8):
+        c = quantize_groupwise(w, bits, 8)
+        deq = dequantize_groupwise(c.codes, c.scale, c.zero, 8, shape=w.shape)
+        assert deq.shape == w.shape and c.codes.shape == (6, 16)  # [O, I*k]=[6,12] -> padded 16
+        errs.append(float((deq - w).pow(2).mean()))
+    assert errs[0] > errs[1] > errs[2] and errs[2] < 1e-4
+
+
+def test_all_zero_group_is_exact():
+    w = torch.zeros(2, 16)
+    w[0, :8] = 1.0
+    c = quantize_groupwise(w, 4, 8, clip_ratio=1.0)
+    deq = dequantize_groupwise(c.codes, c.scale, c.zero, 8)
+    assert torch.equal(deq[1], torch.zeros(16)) and torch.equal(deq[0, 8:], torch.zeros(8))
+
+
+def test_clip_search_uses_layer_output_and_is_deterministic():
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(32, 64, generator=g)
+    w[0, 0] = 12.0  # one outlier: low-bit RTN wastes its range on it, clipping helps
+    x = torch.randn(128, 64, generator=g)
+    r, d = search_clip_ratio(w, 2, 64, x_sample=x)
+    assert r < 1.0
+    full = dequantize_groupwise(*quantize_groupwise(w, 2, 64, clip_ratio=1.0), 64, shape=w.shape)
+    assert d <= cosine_distance(F.linear(x, w), F.linear(x, full))
+    assert (r, d) == search_clip_ratio(w, 2, 64, x_sample=x)
+    # the searched codes are the codes of that ratio
+    a, b = quantize_groupwise(w, 2, 64, x_sample=x), quantize_groupwise(w, 2, 64, clip_ratio=r)
+    assert all(torch.equal(p, q) for p, q in zip(a, b))
+
+
+def test_bad_arguments_are_named():
+    with pytest.raises(ValueError, match="bits"):
+        quantize_groupwise(_w(), 9, 16)
+    with pytest.raises(ValueError, match="clip_ratio"):
+        quantize_groupwise(_w(), 4, 16, clip_ratio=1.5)
+    with pytest.raises(ValueError, match="int2..int8"):
+        layer_distortions(_w(), ["nf4"], 16)
+
+
+def test_dequantize_op_matches_reference_and_passes_opcheck():
+    w = torch.randn(5, 3, 4)
+    c = quantize_groupwise(w, 4, 8)
+    out = dequantize_groupwise_op(c.codes, c.scale, c.zero, "int4", 8, [5, 3, 4], torch.float32)
+    assert torch.equal(out, dequantize_groupwise(c.codes, c.scale, c.zero, 8, shape=[5, 3, 4]))
+    torch.library.opcheck(dequantize_groupwise_op, (c.codes, c.scale, c.zero, "int4", 8, [5, 3, 4], torch.float32))
+
+
+def test_reservoir_exact_under_capacity_uniform_and_deterministic():
+    r = ReservoirSampler(100, seed=7)
+    r.add(torch.arange(30.0))
+    r.add(torch.arange(30.0, 60.0))
+    assert torch.equal(r.sample(), torch.arange(60.0))
+    big = torch.arange(20000.0)
+    a, b = ReservoirSampler(500, seed=7), ReservoirSampler(500, seed=7)
+    for chunk in big.split(3000):
+        a.add(chunk)
+        b.add(chunk)
+    sa = a.sample()
+    assert sa.shape == (500,) and torch.equal(sa, b.sample())
+    assert len(set(sa.tolist())) == 500  # a sample without repeats
+    # uniform over the whole stream: mean index near the middle, late items present
+    assert abs(float(sa.mean()) - 9999.5) < 1000 and float(sa.max()) > 15000
+
+
+def test_layer_statistics_against_numpy():
+    g = torch.Generator().manual_seed(0)
+    outs = [torch.randn(3, 7, 11, generator=g) * 2 + 0.3 for _ in range(4)]
+    st = LayerStatistics("enc.fc1")
+    for y in outs:
+        st.update_output(y)
+    a = np.abs(torch.cat([y.flatten() for y in outs]).numpy().astype(np.float64))
+    assert st.count == a.size
+    np.testing.assert_allclose(st.median_abs, np.median(a), rtol=1e-6)
+    np.testing.assert_allclose(st.max_abs, a.max(), rtol=1e-6)
+    np.testing.assert_allclose(st.mean_abs, a.mean(), rtol=1e-9)
+    np.testing.assert_allclose(st.std_abs, a.std(), rtol=1e-6)
+    for name, ref in (("median", np.median(a)), ("max", a.max()), ("mean", a.mean()), ("std", a.std())):
+        np.testing.assert_allclose(stat_score(st, name), ref, rtol=1e-6)
+
+
+def test_median_from_reservoir_is_close_when_over_capacity():
+    st = LayerStatistics("x", value_capacity=4096)
+    y = torch.randn(200000, generator=torch.Generator().manual_seed(1))
+    st.update_output(y)
+    true = float(np.median(np.abs(y.numpy())))
+    assert abs(st.median_abs - true) / true < 0.05
+    assert st.values.sample().shape == (4096,)
+
+
+def test_input_rows_are_bounded_and_conv_patches_match_conv():
+    st = LayerStatistics("l", row_capacity=16)
+    st.update_input_rows(torch.randn(50, 8))
+    assert st.rows.sample().shape == (16, 8) and st.rows.seen == 50
+    x = torch.randn(2, 4, 9)
+    w = torch.randn(6, 4, 3)
+    ref = F.conv1d(x, w, stride=2, padding=1, dilation=1)
+    rows = conv1d_patches(x, 3, 2, 1, 1)
+    got = F.linear(rows, as_matrix(w)).view(2, -1, 6).transpose(1, 2)
+    torch.testing.assert_close(got, ref)
+
+
+def test_distances_and_scores():
+    y = torch.randn(10, 6)
+    assert cosine_distance(y, y) < 1e-6 and abs(cosine_distance(y, -y) - 2) < 1e-5
+    assert kl_distance(y, y) < 1e-6 and kl_distance(y, y + torch.randn(10, 6)) > 0
+    assert SCORES == {"median", "max", "mean", "std", "cosine", "kl"}
+    with pytest.raises(ValueError, match="unknown sensitivity score"):
+        check_score("entropy")
+    with pytest.raises(RuntimeError, match="saw no calibration data"):
+        stat_score(LayerStatistics("empty"), "median")
+
+
+def test_layer_distortions_fall_with_bits():
+    g = torch.Generator().manual_seed(5)
+    w, x = torch.randn(16, 32, generator=g), torch.randn(64, 32, generator=g)
+    for metric in ("cosine", "kl"):
+        dist, ratio = layer_distortions(w, ["int8", "int4", "int2"], 32, x_sample=x, metric=metric)
+        assert dist["int2"] > dist["int4"] > dist["int8"] >= 0
+        assert set(ratio) == {"int8", "int4", "int2"} and all(0 < r <= 1 for r in ratio.values())
+    # an embedding use: distance on looked-up rows
+    dist, _ = layer_distortions(w, ["int8", "int2"], 32, index_sample=torch.tensor([0, 3, 3, 7]))
+    assert dist["int2"] > dist["int8"]

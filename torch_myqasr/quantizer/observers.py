@@ -1,0 +1,331 @@
+"""Label-free calibration observers for `MyQASRQuantizer`.
+
+Three observer kinds per quantizable layer, all inserted by ``prepare_pt2e``:
+
+- `LayerOutputObserver` on the layer's output: running median / max / mean / std of ``|output|``
+  (`LayerStatistics`). The median is estimated from a fixed-size RESERVOIR SAMPLE of ``|output|``
+  (uniform over everything seen, deterministically seeded per layer); it is exact while fewer
+  values than the reservoir holds have been seen. Max, mean and std are exact running values.
+- `LayerInputObserver` on the layer's input: a bounded reservoir of input ROWS (linear: rows of
+  [*, K]; conv1d: unfolded patches [*, I*k]; embedding: token ids) for the scale search and the
+  output-distance scores, plus the running min / max for optional 8-bit activation quantization.
+- `LayerWeightObserver` on the weight: records nothing; at ``convert_pt2e`` it asks the shared
+  session for the layer's decision and replaces itself with
+  ``get_attr(codes), get_attr(scale), get_attr(zero) -> myqasr::dequantize_groupwise``.
+
+The observers hold a reference to a shared session (the quantizer's state), so every graph
+prepared with one quantizer feeds one set of per-layer statistics.
+"""
+
+from __future__ import annotations
+
+import zlib
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.fx import GraphModule, Node
+from torchao.quantization.pt2e import ObserverBase
+
+from torch_myqasr.quantizer.dequant_op import dequantize_groupwise_op  # noqa: F401  (registers the op)
+
+DEFAULT_VALUE_RESERVOIR = 65536
+"""|output| values kept per layer for the median (about 0.4% rank error at the median)."""
+
+DEFAULT_ROW_RESERVOIR = 256
+"""Input rows kept per layer for the scale search and output-distance scores."""
+
+
+def stable_seed(name: str) -> int:
+    """A seed derived from ``name`` that is the same in every process (unlike ``hash``)."""
+    return zlib.crc32(name.encode("utf-8"))
+
+
+class ReservoirSampler:
+    """Uniform fixed-size sample of the rows of every tensor passed to `add` (Algorithm R).
+
+    Deterministic: the same sequence of `add` calls with the same seed gives the same sample.
+    """
+
+    def __init__(self, capacity: int, seed: int) -> None:
+        if capacity <= 0:
+            raise ValueError(f"reservoir capacity must be positive, got {capacity}")
+        self.capacity = capacity
+        self.seen = 0
+        self._gen = torch.Generator().manual_seed(seed)
+        self._buf: torch.Tensor | None = None
+        self._filled = 0
+
+    def add(self, rows: torch.Tensor) -> None:
+        """Offer every row of ``rows`` ([n, ...]) to the sample."""
+        rows = rows.detach().cpu()
+        n = rows.shape[0]
+        if n == 0:
+            return
+        if self._buf is None:
+            self._buf = rows.new_empty((self.capacity, *rows.shape[1:]))
+        elif rows.shape[1:] != self._buf.shape[1:] or rows.dtype != self._buf.dtype:
+            raise ValueError(
+                f"reservoir rows changed shape/dtype: {tuple(self._buf.shape[1:])} {self._buf.dtype} "
+                f"then {tuple(rows.shape[1:])} {rows.dtype}"
+            )
+        take = min(self.capacity - self._filled, n)
+        if take > 0:
+            self._buf[self._filled : self._filled + take] = rows[:take]
+            self._filled += take
+        rest = n - take
+        if rest > 0:
+            # Item with 0-based global index i replaces slot j ~ U{0..i} when j < capacity.
+            idx = torch.arange(self.seen + take, self.seen + n, dtype=torch.float64)
+            j = (torch.rand(rest, generator=self._gen, dtype=torch.float64) * (idx + 1)).long()
+            hit = (j < self.capacity).nonzero().flatten()
+            if hit.numel():
+                slots = j[hit].numpy()
+                # Several items may pick one slot: the later one wins (sequential semantics).
+                _, last_rev = np.unique(slots[::-1], return_index=True)
+                keep = hit[torch.from_numpy((len(slots) - 1 - last_rev).astype(np.int64))]
+                self._buf[j[keep]] = rows[take:][keep]
+        self.seen += n
+
+    def sample(self) -> torch.Tensor | None:
+        """The current sample ([min(seen, capacity), ...]), or None if nothing was seen."""
+        return None if self._buf is None else self._buf[: self._filled]
+
+
+class LayerStatistics:
+    """Running label-free statistics of one layer's outputs and a sample of its inputs."""
+
+    def __init__(self, name: str, value_capacity: int = DEFAULT_VALUE_RESERVOIR, row_capacity: int = DEFAULT_ROW_RESERVOIR):
+        self.name = name
+        self.count = 0
+        self.sum = 0.0
+        self.sum_sq = 0.0
+        self.max_abs = 0.0
+        self.calls = 0
+        seed = stable_seed(name)
+        self.values = ReservoirSampler(value_capacity, seed)
+        self.rows = ReservoirSampler(row_capacity, seed + 1)
+        self.indices = ReservoirSampler(row_capacity, seed + 2)
+        self.in_min = float("inf")
+        self.in_max = float("-inf")
+
+    # -- outputs -------------------------------------------------------------------------------
+    def update_output(self, y: torch.Tensor) -> None:
+        """Fold one output tensor of the layer into the |output| statistics."""
+        a = y.detach().abs().reshape(-1).to(torch.float64).cpu()
+        if a.numel() == 0:
+            return
+        self.calls += 1
+        self.count += a.numel()
+        self.sum += float(a.sum())
+        self.sum_sq += float((a * a).sum())
+        self.max_abs = max(self.max_abs, float(a.max()))
+        self.values.add(a.float())
+
+    @property
+    def mean_abs(self) -> float:
+        """Mean of |output| over every value seen."""
+        return self.sum / self.count if self.count else float("nan")
+
+    @property
+    def std_abs(self) -> float:
+        """Population standard deviation of |output| over every value seen."""
+        if not self.count:
+            return float("nan")
+        m = self.mean_abs
+        return max(self.sum_sq / self.count - m * m, 0.0) ** 0.5
+
+    @property
+    def median_abs(self) -> float:
+        """Median of |output|: exact while ``count <= value reservoir``, else the sample's median
+        (numpy's convention: the mean of the two middle values for an even count)."""
+        s = self.values.sample()
+        return float("nan") if s is None else float(np.median(s.numpy()))
+
+    # -- inputs --------------------------------------------------------------------------------
+    def update_input_rows(self, rows: torch.Tensor) -> None:
+        """Offer input rows [n, K] to the row sample and update the input range."""
+        rows = rows.detach()
+        if rows.numel():
+            self.in_min = min(self.in_min, float(rows.min()))
+            self.in_max = max(self.in_max, float(rows.max()))
+        self.rows.add(rows.float())
+
+    def update_indices(self, ids: torch.Tensor) -> None:
+        """Offer embedding token ids to the id sample."""
+        self.indices.add(ids.detach().reshape(-1).long())
+
+
+class CalibrationSession(Protocol):
+    """What the observers need from the quantizer's shared state."""
+
+    act_bits: int | None
+
+    def stats(self, layer: str) -> LayerStatistics: ...
+
+    def weight_plan(self, layer: str) -> dict[str, Any] | None: ...
+
+
+def conv1d_patches(x: torch.Tensor, kernel: int, stride: int, padding: int, dilation: int) -> torch.Tensor:
+    """Unfold a Conv1d input [B, I, L] (or [I, L]) into rows [B*L_out, I*kernel] such that
+    ``F.linear(rows, w.reshape(O, I*kernel))`` equals the convolution (bias aside)."""
+    if x.dim() == 2:
+        x = x.unsqueeze(0)
+    cols = F.unfold(x.unsqueeze(2), (1, kernel), dilation=(1, dilation), padding=(0, padding), stride=(1, stride))
+    return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+
+
+class _MyQASRObserver(ObserverBase):
+    """Common part: a layer name and the shared session; passes its input through unchanged."""
+
+    def __init__(self, dtype: torch.dtype = torch.uint8, *, session: CalibrationSession, layer: str, **kwargs: Any):
+        super().__init__(dtype=dtype)
+        # Plain attribute (not a submodule / buffer): the session is shared, never copied.
+        self.__dict__["session"] = session
+        self.layer = layer
+
+    def calculate_qparams(self):  # pragma: no cover - convert() is used instead
+        raise NotImplementedError("myQASR observers insert their own nodes in convert()")
+
+    def extra_repr(self) -> str:
+        return f"layer={self.layer!r}"
+
+    @staticmethod
+    def _remove(model: GraphModule, node: Node) -> None:
+        node.replace_all_uses_with(node.args[0])
+        model.graph.erase_node(node)
+
+
+class LayerOutputObserver(_MyQASRObserver):
+    """Records |output| statistics of one layer (median / max / mean / std)."""
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        self.session.stats(self.layer).update_output(y)
+        return y
+
+    def convert(self, model: GraphModule, observer_node: Node) -> None:
+        """Statistics only: the node is removed."""
+        self._remove(model, observer_node)
+
+
+class LayerInputObserver(_MyQASRObserver):
+    """Samples input rows (or token ids) of one layer; optional 8-bit activation q/dq at convert.
+
+    Args:
+        kind: ``"linear"``, ``"conv1d"`` or ``"embedding"`` (what the input feeds).
+        in_features: K of the layer's weight matrix (rows are reshaped to [-1, K]).
+        conv: ``(kernel, stride, padding, dilation)`` for ``kind == "conv1d"``.
+    """
+
+    def __init__(self, dtype: torch.dtype = torch.uint8, *, session: CalibrationSession, layer: str,
+                 kind: str = "linear", in_features: int = 0, conv: tuple[int, int, int, int] | None = None, **kwargs: Any):
+        super().__init__(dtype, session=session, layer=layer)
+        self.kind = kind
+        self.in_features = in_features
+        self.conv = conv
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        st = self.session.stats(self.layer)
+        if self.kind == "embedding":
+            st.update_indices(x)
+        elif self.kind == "conv1d":
+            assert self.conv is not None
+            st.update_input_rows(conv1d_patches(x.detach().float(), *self.conv))
+        else:
+            st.update_input_rows(x.detach().reshape(-1, self.in_features))
+        return x
+
+    def convert(self, model: GraphModule, observer_node: Node) -> None:
+        """Remove the node, or with ``act_bits == 8`` replace it by per-tensor uint8 q/dq."""
+        bits = self.session.act_bits
+        st = self.session.stats(self.layer)
+        if not bits or self.kind == "embedding" or st.in_min > st.in_max:
+            self._remove(model, observer_node)
+            return
+        qmax = 2**bits - 1
+        lo, hi = min(st.in_min, 0.0), max(st.in_max, 0.0)
+        scale = max((hi - lo) / qmax, 1e-8)
+        zp = int(min(max(round(-lo / scale), 0), qmax))
+        args = (observer_node.args[0], scale, zp, 0, qmax, torch.uint8)
+        with model.graph.inserting_before(observer_node):
+            q = model.graph.call_function(torch.ops.quantized_decomposed.quantize_per_tensor.default, args)
+            dq = model.graph.call_function(
+                torch.ops.quantized_decomposed.dequantize_per_tensor.default, (q, scale, zp, 0, qmax, torch.uint8)
+            )
+        observer_node.replace_all_uses_with(dq)
+        model.graph.erase_node(observer_node)
+        if isinstance(w_node, Node):
+            _drop_unused_float_weight(model, w_node)
+
+
+def _drop_unused_float_weight(model: GraphModule, w_node: Node) -> None:
+    """Delete the float weight once no node reads it, so the converted model does not carry an fp32
+    copy next to the codes (every alias of a tied weight must be unused first)."""
+    if w_node.op != "get_attr":
+        return
+    try:
+        tensor = model.get_parameter(w_node.target)
+    except AttributeError:
+        return
+    readers = [n for n in model.graph.nodes if n.op == "get_attr" and _fetch(model, n.target) is tensor]
+    if any(n.users for n in readers):
+        return
+    for n in readers:
+        model.graph.erase_node(n)
+    for name, p in list(model.named_parameters(remove_duplicate=False)):
+        if p is tensor:
+            owner, _, attr = name.rpartition(".")
+            delattr(model.get_submodule(owner), attr)
+
+
+def _fetch(model: torch.nn.Module, target: str) -> Any:
+    obj: Any = model
+    for part in target.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return None
+    return obj
+
+
+class LayerWeightObserver(_MyQASRObserver):
+    """Marks one layer's weight; at convert it becomes codes + scale + zero -> dequantize op."""
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        return w
+
+    def convert(self, model: GraphModule, observer_node: Node) -> None:
+        """Apply the session's decision for this layer (made at the first convert over all graphs)."""
+        plan = self.session.weight_plan(self.layer)
+        w_node = observer_node.args[0]
+        if plan is None:  # kept in full precision by the scheme
+            self._remove(model, observer_node)
+            return
+        safe = self.layer.replace(".", "_")
+        attrs = {part: f"{safe}_myqasr_{part}" for part in ("codes", "scale", "zero")}
+        # A tied weight reached through two graph inputs converts twice in one graph: reuse the
+        # buffers (and the dequantize node) the first conversion made, so there is ONE copy.
+        existing = [n for n in model.graph.nodes if n.op == "call_function" and n.target is torch.ops.myqasr.dequantize_groupwise.default
+                    and n.meta.get("myqasr_layer") == self.layer]
+        if existing:
+            observer_node.replace_all_uses_with(existing[0])
+            model.graph.erase_node(observer_node)
+            return
+        for part, attr in attrs.items():
+            if hasattr(model, attr):
+                raise RuntimeError(
+                    f"cannot add buffer {attr!r} for layer {self.layer!r}: the model already has an "
+                    "attribute of that name (was this graph converted twice?)"
+                )
+            model.register_buffer(attr, plan[part])
+        with model.graph.inserting_before(observer_node):
+            nodes = [model.graph.get_attr(attrs[p]) for p in ("codes", "scale", "zero")]
+            dq = model.graph.call_function(
+                torch.ops.myqasr.dequantize_groupwise.default,
+                (*nodes, plan["format"], plan["group_size"], list(plan["shape"]), plan["dtype"]),
+            )
+        dq.meta["myqasr_layer"] = self.layer
+        if isinstance(w_node, Node) and "val" in w_node.meta:
+            dq.meta["val"] = w_node.meta["val"]
+        observer_node.replace_all_uses_with(dq)
+        model.graph.erase_node(observer_node)
