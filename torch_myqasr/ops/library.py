@@ -127,16 +127,54 @@ def _fake_nf4(x, packed, scale, group_size, n, k, bias=None, dq_scale=None, dq_o
     return _fake(x, n)
 
 
-def _register(name: str, fn: Callable, fake: Callable):
+# Autograd: gradients flow to x and bias (the packed weight is frozen), which is what training
+# adapters on top of a quantized model (PQM's LoRA on NF4) needs. The backward dequantizes the
+# weight once per call: correct everywhere, not a fast path.
+_FMT_OF = {"linear_binary": "int1", "linear_nf4": "nf4"}
+
+
+def _make_autograd(name: str, n_inputs: int):
+    def setup_context(ctx, inputs, output):
+        x, packed, scale = inputs[0], inputs[1], inputs[2]
+        if name == "linear_affine":
+            zero, bits, group_size, n, k, bias = inputs[3:9]
+            ctx.fmt, dq = f"int{bits}", (None, None)
+        else:
+            group_size, n, k, bias = inputs[3:7]
+            zero = None
+            ctx.fmt = _FMT_OF[name]
+            dq = tuple(inputs[7:9]) if name == "linear_nf4" else (None, None)
+        ctx.meta = (group_size, n, k)
+        ctx.bias_index = 8 if name == "linear_affine" else 6
+        ctx.has_bias = bias is not None
+        ctx.save_for_backward(x, packed, scale, zero, *dq)
+
+    def backward(ctx, grad):
+        x, packed, scale, zero, dq_scale, dq_offset = ctx.saved_tensors
+        group_size, n, k = ctx.meta
+        grads: list = [None] * n_inputs
+        if ctx.needs_input_grad[0]:
+            w = cpu.dequantize_packed(ctx.fmt, packed, scale, zero, dq_scale, dq_offset, group_size, n, k)
+            grads[0] = (grad @ w.to(grad.dtype)).to(x.dtype)
+        if ctx.has_bias and ctx.needs_input_grad[ctx.bias_index]:
+            grads[ctx.bias_index] = grad.reshape(-1, n).sum(0)
+        return tuple(grads)
+
+    return setup_context, backward
+
+
+def _register(name: str, fn: Callable, fake: Callable, n_inputs: int):
     qualname = f"myqasr::{name}"
     if OP_KIND == "triton_op":
         op = torch.library.triton_op(qualname, fn, mutates_args=())
     else:
         op = torch.library.custom_op(qualname, fn, mutates_args=())
     op.register_fake(fake)
+    setup_context, backward = _make_autograd(name, n_inputs)
+    op.register_autograd(backward, setup_context=setup_context)
     return op
 
 
-linear_affine = _register("linear_affine", _linear_affine, _fake_affine)
-linear_binary = _register("linear_binary", _linear_binary, _fake_binary)
-linear_nf4 = _register("linear_nf4", _linear_nf4, _fake_nf4)
+linear_affine = _register("linear_affine", _linear_affine, _fake_affine, 11)
+linear_binary = _register("linear_binary", _linear_binary, _fake_binary, 9)
+linear_nf4 = _register("linear_nf4", _linear_nf4, _fake_nf4, 9)
