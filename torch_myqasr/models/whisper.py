@@ -25,7 +25,7 @@ import torch
 
 from torch_myqasr.models.ctranslate2_format import CTranslate2Model, read_ctranslate2_model
 
-CONVERTER_VERSION = 1
+CONVERTER_VERSION = 3
 """Bumped whenever the conversion changes, so stale caches are rebuilt."""
 
 
@@ -293,8 +293,6 @@ def convert_ctranslate2_whisper(ct2: CTranslate2Model, ct2_config: dict, tokeniz
         bos_token_id=eot,
         eos_token_id=eot,
         decoder_start_token_id=sot,
-        begin_suppress_tokens=list(ct2_config.get("suppress_ids_begin", [])),
-        suppress_tokens=list(ct2_config.get("suppress_ids", [])),
         tie_word_embeddings=True,
     )
     state: dict[str, np.ndarray] = {}
@@ -367,13 +365,14 @@ def convert_ctranslate2_whisper(ct2: CTranslate2Model, ct2_config: dict, tokeniz
         pad_token_id=eot,
         bos_token_id=eot,
         max_length=config.max_target_positions,
-        suppress_tokens=config.suppress_tokens,
-        begin_suppress_tokens=config.begin_suppress_tokens,
+        suppress_tokens=list(ct2_config.get("suppress_ids", [])),
+        begin_suppress_tokens=list(ct2_config.get("suppress_ids_begin", [])),
         no_timestamps_token_id=specials["<|notimestamps|>"],
         is_multilingual=multilingual,
-        lang_to_id=lang_tokens if multilingual else {},
-        task_to_id=task_ids if multilingual else {},
         alignment_heads=ct2_config.get("alignment_heads"),
         return_timestamps=False,
+        # English-only checkpoints must not carry language/task tables: transformers then inserts a
+        # language token (id 0) into the prompt, as its own tiny.en generation config shows.
+        **({"lang_to_id": lang_tokens, "task_to_id": task_ids} if multilingual else {}),
     )
     return model.eval()
