@@ -255,37 +255,6 @@ class LayerInputObserver(_MyQASRObserver):
             )
         observer_node.replace_all_uses_with(dq)
         model.graph.erase_node(observer_node)
-        if isinstance(w_node, Node):
-            _drop_unused_float_weight(model, w_node)
-
-
-def _drop_unused_float_weight(model: GraphModule, w_node: Node) -> None:
-    """Delete the float weight once no node reads it, so the converted model does not carry an fp32
-    copy next to the codes (every alias of a tied weight must be unused first)."""
-    if w_node.op != "get_attr":
-        return
-    try:
-        tensor = model.get_parameter(w_node.target)
-    except AttributeError:
-        return
-    readers = [n for n in model.graph.nodes if n.op == "get_attr" and _fetch(model, n.target) is tensor]
-    if any(n.users for n in readers):
-        return
-    for n in readers:
-        model.graph.erase_node(n)
-    for name, p in list(model.named_parameters(remove_duplicate=False)):
-        if p is tensor:
-            owner, _, attr = name.rpartition(".")
-            delattr(model.get_submodule(owner), attr)
-
-
-def _fetch(model: torch.nn.Module, target: str) -> Any:
-    obj: Any = model
-    for part in target.split("."):
-        obj = getattr(obj, part, None)
-        if obj is None:
-            return None
-    return obj
 
 
 class LayerWeightObserver(_MyQASRObserver):
