@@ -12,9 +12,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
-from torch_myqasr.allocation import BudgetError, Scheme, model_nbytes
+from torch_myqasr.allocation import BudgetError, Scheme
 from torch_myqasr.formats import MIB, float_nbytes, weight_nbytes
-from torch_myqasr.quantizer import LayerWeightObserver, MyQASRQuantizer, dequantize_groupwise
+from torch_myqasr.quantizer import LayerWeightObserver, MyQASRQuantizer
 from torch_myqasr.quantizer.observers import LayerInputObserver, LayerOutputObserver
 
 VOCAB, D, HID, MELS = 50, 32, 96, 8
@@ -341,3 +341,14 @@ def test_constructor_errors_are_clear():
         MyQASRQuantizer(budget_mb=1, act_bits=4)
     with pytest.raises(ValueError, match="unknown sensitivity score"):
         MyQASRQuantizer(budget_mb=1, score="entropy")
+
+
+def test_converted_program_reexports_with_the_dequantize_op():
+    q = MyQASRQuantizer(budget_mb=_sizes("int4") / MIB, strategy="uniform", progress=False)
+    ce, cd = _quantize(q)
+    feats, tok = _test_input()
+    mem = ce(feats)
+    ep = torch.export.export(cd, (tok, mem))
+    ops = [n.target for n in ep.graph.nodes if n.op == "call_function"]
+    assert ops.count(torch.ops.myqasr.dequantize_groupwise.default) == 3  # fc1, fc2, tied embedding once
+    torch.testing.assert_close(ep.module()(tok, mem), cd(tok, mem))
