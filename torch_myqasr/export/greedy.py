@@ -27,7 +27,9 @@ def _token_mask(ids: tuple[int, ...], vocab: int, device: torch.device, what: st
         return None
     bad = [t for t in ids if not 0 <= t < vocab]
     if bad:
-        raise ValueError(f"{what} {bad[:5]} are outside the model's vocabulary of {vocab} tokens; fix DecodingOptions.{what}")
+        raise ValueError(
+            f"{what} {bad[:5]} are outside the model's vocabulary of {vocab} tokens; fix DecodingOptions.{what}"
+        )
     mask = torch.zeros(vocab, dtype=torch.bool, device=device)
     mask[list(ids)] = True
     return mask

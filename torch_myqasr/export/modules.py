@@ -28,6 +28,11 @@ The cache is passed in as plain tensors and the graph never mutates anything:
   after ``position`` are not valid yet; new tokens are causal among themselves) and normalised by one
   softmax over both, which is exactly attention over the concatenation.
 
+Checked: ``prepare_pt2e`` / ``convert_pt2e`` on the decoder-step program (tests/test_export.py) and
+``torch.compile`` of ``ExportedProgram.module()`` on CPU give the eager tokens. The tied
+``proj_out.weight`` / ``embed_tokens.weight`` is one graph input feeding both ``aten.embedding`` and
+the ``proj_out`` linear: quantizing the linear leaves the float tensor in place for the embedding.
+
 Shapes (``Ld`` decoder layers, ``H`` heads, ``D = d_model / H``, ``S = 1500`` encoder frames,
 ``L = max_cache_len``, ``T`` new tokens in this call, ``V`` vocabulary):
 

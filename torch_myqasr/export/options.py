@@ -39,7 +39,9 @@ class DecodingOptions:
         for name in ("prompt_ids", "suppress_tokens", "begin_suppress_tokens"):
             object.__setattr__(self, name, tuple(int(t) for t in getattr(self, name)))
         if not self.prompt_ids:
-            raise ValueError("DecodingOptions.prompt_ids is empty; Whisper needs at least the start token <|startoftranscript|>")
+            raise ValueError(
+                "DecodingOptions.prompt_ids is empty; Whisper needs at least the start token <|startoftranscript|>"
+            )
         if self.max_new_tokens < 1:
             raise ValueError(f"DecodingOptions.max_new_tokens must be >= 1, got {self.max_new_tokens}")
 
@@ -106,7 +108,9 @@ def decoding_options(
         prompt += [_language_token(language, lang_to_id), int(task_to_id[task])]
     else:
         if language is not None and language.strip().lower() not in ("en", "english", "<|en|>"):
-            raise ValueError(f"this model is English-only; it cannot transcribe language {language!r} (use a multilingual model)")
+            raise ValueError(
+                f"this model is English-only; it cannot transcribe language {language!r} (use a multilingual model)"
+            )
         if task != "transcribe":
             raise ValueError(f"this model is English-only; task {task!r} needs a multilingual model")
 
