@@ -18,8 +18,8 @@ MAX_SECONDS = 30.0  # Whisper's window; longer clips would be silently cut by th
 TOKENS_PER_SECOND_CAP = 8  # fast read speech is ~4 tokens/s; twice that is never a real transcript
 MIN_NEW_TOKENS_CAP = 16
 
-DecodeFn = Callable[[torch.Tensor, int], list[list[int]]]
-"""(input_features [B, n_mels, 3000], max_new_tokens) -> generated token ids per row."""
+DecodeFn = Callable[[torch.Tensor, int, "str | None"], list[list[int]]]
+"""(input_features [B, n_mels, 3000], max_new_tokens, language) -> generated token ids per row."""
 
 
 def max_new_tokens_for(seconds: float) -> int:
@@ -27,20 +27,27 @@ def max_new_tokens_for(seconds: float) -> int:
     return int(MIN_NEW_TOKENS_CAP + TOKENS_PER_SECOND_CAP * seconds)
 
 
-def hf_generate_decoder(bundle, language: str | None = None) -> DecodeFn:
+def check_language(bundle, language: str | None) -> None:
+    """Refuse a non-English language for an English-only model, naming the fix."""
+    if not bundle.is_multilingual and language not in (None, "en", "english"):
+        raise ValueError(
+            f"model {bundle.model_id} is English-only; it cannot transcribe language {language!r}: "
+            "use a multilingual model such as --model base"
+        )
+
+
+def hf_generate_decoder(bundle) -> DecodeFn:
     """A `DecodeFn` that runs transformers' own greedy ``generate`` on ``bundle.model``."""
     model = bundle.model
-    kwargs: dict = {"do_sample": False, "num_beams": 1, "return_timestamps": False}
-    if bundle.is_multilingual:
-        kwargs.update(language=language or "en", task="transcribe")
-    elif language not in (None, "en", "english"):
-        raise ValueError(f"model {bundle.model_id} is English-only; it cannot transcribe language {language!r}")
+    special = set(bundle.tokenizer.all_special_ids)
 
     @torch.inference_mode()
-    def decode(features: torch.Tensor, max_new_tokens: int) -> list[list[int]]:
+    def decode(features: torch.Tensor, max_new_tokens: int, language: str | None) -> list[list[int]]:
+        kwargs: dict = {"do_sample": False, "num_beams": 1, "return_timestamps": False}
+        if bundle.is_multilingual:
+            kwargs.update(language=language or "en", task="transcribe")
         out = model.generate(features, max_new_tokens=max_new_tokens, **kwargs)
         seqs = out if isinstance(out, torch.Tensor) else out["sequences"]
-        special = set(bundle.tokenizer.all_special_ids)
         return [[t for t in row.tolist() if t not in special] for row in seqs]
 
     return decode
@@ -74,7 +81,8 @@ def transcribe(
     ``decode`` chooses how tokens are produced (default: transformers' generate on the float
     model; the quantized pipeline passes its exported/compiled decoder loop instead).
     """
-    decode = decode or hf_generate_decoder(bundle, language)
+    check_language(bundle, language)
+    decode = decode or hf_generate_decoder(bundle)
     order = sorted(range(len(audios)), key=lambda i: len(audios[i]))  # similar lengths share a cap
     texts: list[str] = [""] * len(audios)
     bar = tqdm(total=len(audios), desc="transcribing", unit="clip", disable=not progress)
@@ -82,7 +90,7 @@ def transcribe(
         idx = order[start : start + batch_size]
         batch = [audios[i] for i in idx]
         cap = max_new_tokens_for(max(len(a) for a in batch) / SAMPLE_RATE)
-        for i, ids in zip(idx, decode(featurize(bundle, batch), cap)):
+        for i, ids in zip(idx, decode(featurize(bundle, batch), cap, language)):
             texts[i] = bundle.tokenizer.decode(ids, skip_special_tokens=True).strip()
         bar.update(len(idx))
     bar.close()
@@ -128,13 +136,23 @@ def evaluate(
             "use a LibriSpeech tree or a JSONL manifest with a 'text' field, or `myqasr transcribe` for unlabelled audio"
         )
     pairs = list(load_dataset_audio(dataset, on_error=on_error))
-    utts = [u for u, _ in pairs]
-    hyps = transcribe(
-        bundle, [a for _, a in pairs], language=language, batch_size=batch_size, decode=decode, progress=progress
-    )
+    # A multilingual model is told each utterance's language, so transcribe one language at a time.
+    langs = [language or u.language or "en" for u, _ in pairs]
+    hyps: list[str] = [""] * len(pairs)
+    for lang in sorted(set(langs)):
+        idx = [i for i, l in enumerate(langs) if l == lang]
+        texts = transcribe(
+            bundle,
+            [pairs[i][1] for i in idx],
+            language=lang if bundle.is_multilingual else None,
+            batch_size=batch_size,
+            decode=decode,
+            progress=progress,
+        )
+        for i, t in zip(idx, texts):
+            hyps[i] = t
     records = []
-    for u, h in zip(utts, hyps):
-        lang = language or u.language or "en"
+    for (u, _), h, lang in zip(pairs, hyps, langs):
         records.append(
             {
                 "utterance": u,
