@@ -5,12 +5,13 @@
     y = quantized_linear(x, qw, bias)   # == F.linear(x, qw.dequantize(x.dtype), bias)
 
 Importing this package registers ``torch.ops.myqasr.linear_affine`` / ``linear_binary`` /
-``linear_nf4`` (see `torch_myqasr.ops.library`). Triton is imported only when a CUDA tensor
+``linear_nf4`` (see `torch_myqasr.ops.library`) and ``embedding_packed`` (`torch_myqasr.ops.embedding`). Triton is imported only when a CUDA tensor
 reaches an op.
 """
 
 from torch_myqasr.ops.qweight import SUPPORTED_FORMATS, QuantizedWeight, quantize_weight  # noqa: I001
 from torch_myqasr.ops import library  # noqa: F401  (registers the ops)
 from torch_myqasr.ops.linear import quantized_linear
+from torch_myqasr.ops.embedding import quantized_embedding  # registers myqasr::embedding_packed
 
-__all__ = ["QuantizedWeight", "quantize_weight", "quantized_linear", "SUPPORTED_FORMATS", "library"]
+__all__ = ["QuantizedWeight", "quantize_weight", "quantized_linear", "quantized_embedding", "SUPPORTED_FORMATS", "library"]
