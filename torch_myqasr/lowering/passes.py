@@ -178,7 +178,7 @@ def lower_quantized(
     layers: list[LoweredLayer] = list(gm.meta.get("myqasr_layers", []))
     stale_attrs: list[fx.Node] = []
     for node in list(graph.nodes):
-        if node.op != "call_function" or node.target != dequant_op:
+        if node.op != "call_function" or node.target not in (dequant_op, dequant_op._overloadpacket):
             continue
         codes_n, scale_n, zero_n, fmt, group_size, shape, dtype = node.args
         for a, what in ((codes_n, "codes"), (scale_n, "scale"), (zero_n, "zero")):
