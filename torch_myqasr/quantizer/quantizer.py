@@ -34,7 +34,6 @@ from torchao.quantization.pt2e.quantizer import (
 )
 from tqdm.auto import tqdm
 
-import torch_myqasr.sensitivity.distortion as _distortion
 import torch_myqasr.sensitivity.scores as _scores
 from torch_myqasr.allocation import DEFAULT_FORMATS, LayerInfo, Scheme, allocate_bits
 from torch_myqasr.allocation.myqasr import DEFAULT_ORDER
@@ -47,7 +46,8 @@ from torch_myqasr.quantizer.observers import (
     LayerStatistics,
     LayerWeightObserver,
 )
-from torch_myqasr.quantizer.weight_quant import DEFAULT_CLIP_GRID, bits_of, quantize_groupwise, search_clip_ratio
+from torch_myqasr.quantizer.clip_search import SEARCH_FEATURES, SearchProbe
+from torch_myqasr.quantizer.weight_quant import DEFAULT_CLIP_GRID, bits_of, quantize_groupwise
 
 _ANNOTATION_KEY = "quantization_annotation"
 _aten = torch.ops.aten
@@ -180,6 +180,9 @@ class MyQASRQuantizer(Quantizer):
         float_bits: bits per value of parameters left in float, for the budget (32 = fp32).
         clip_grid: clipping ratios the scale search tries.
         sample_rows: input rows sampled per layer for the scale search and distance scores.
+        search_features: a layer with more output features than this (Whisper's token embedding)
+            searches its clipping ratio on that many of them (`clip_search.SEARCH_FEATURES`);
+            distortions are still measured on every feature. None = search on all of them.
         calibration: extra entries for ``scheme.calibration`` (``n_clips``, ``seconds``,
             ``audio_sha256``: the caller knows the audio, the observers only see tensors).
     """
@@ -202,6 +205,7 @@ class MyQASRQuantizer(Quantizer):
         float_bits: int = 32,
         clip_grid: Sequence[float] = DEFAULT_CLIP_GRID,
         sample_rows: int = DEFAULT_ROW_RESERVOIR,
+        search_features: int | None = SEARCH_FEATURES,
         calibration: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
@@ -232,6 +236,9 @@ class MyQASRQuantizer(Quantizer):
         self.float_bits = float_bits
         self.clip_grid = tuple(clip_grid)
         self.sample_rows = sample_rows
+        if search_features is not None and (not isinstance(search_features, int) or search_features <= 0):
+            raise ValueError(f"search_features must be a positive int or None (search on every output feature), got {search_features!r}")
+        self.search_features = search_features
         self.calibration = dict(calibration or {})
         self._given_scheme = scheme
         self._keep_names: list[str] = []
@@ -427,45 +434,61 @@ class MyQASRQuantizer(Quantizer):
         st = self._session.stats(layer)
         return st.rows.sample(), st.indices.sample()
 
+    def _probe(self, layer: str, metric: str) -> SearchProbe:
+        """The layer's weight and calibration samples, ready for the clip search."""
+        x, idx = self._samples(layer)
+        return SearchProbe(
+            self._session.layers[layer].weight, self.group_size, x_sample=x, index_sample=idx, metric=metric,
+            search_features=self.search_features,
+        )
+
     def _allocate(self) -> None:
         s = self._session
         metric = "kl" if self.score == "kl" else "cosine"
-        need_dist = self.strategy == "optimal" or self.score in _scores.DISTANCE_SCORES
+        # The distortion of EVERY candidate is needed by "optimal" only; a distance score needs it
+        # at score_format alone. Each is one vectorised pass per layer (clip_search.py).
+        if self.strategy == "optimal":
+            dist_formats: tuple[str, ...] = self.formats
+        elif self.score in _scores.DISTANCE_SCORES:
+            dist_formats = (self.score_format,)
+        else:
+            dist_formats = ()
         infos: list[LayerInfo] = []
         all_ratios: dict[str, dict[str, float]] = {}
-        for rec in tqdm(list(s.layers.values()), desc="myQASR: scoring layers", disable=not self.progress):
-            st = s.stats(rec.name)
-            x, idx = self._samples(rec.name)
-            if st.count == 0 and x is None and idx is None:
-                raise RuntimeError(
-                    f"layer {rec.name!r} saw no calibration data: run your clips through EVERY graph "
-                    f"prepared with this quantizer ({s.n_graphs} so far) before the first convert_pt2e"
-                )
-            dist = None
-            if need_dist:
-                dist, all_ratios[rec.name] = _distortion.layer_distortions(
-                    rec.weight, self.formats, self.group_size, x_sample=x, index_sample=idx, metric=metric, grid=self.clip_grid
-                )
-            score = dist[self.score_format] if self.score in _scores.DISTANCE_SCORES else _scores.stat_score(st, self.score)
-            infos.append(LayerInfo(rec.name, rec.out_features, rec.in_features, float(score), dist))
-        fixed = self._fixed_bytes()
-        kwargs: dict[str, Any] = {} if self.order is None else {"order": self.order}
-        choice = allocate_bits(
-            infos, self.budget_mb, strategy=self.strategy, formats=self.formats, group_size=self.group_size,
-            fixed_bytes=fixed, **kwargs,
-        )
-        ratios: dict[str, float] = {}
-        for name, ls in choice.items():
-            if not get_format(ls.format).grouped:
-                continue
-            if name in all_ratios:
-                ratios[name] = all_ratios[name][ls.format]
-            else:
-                x, idx = self._samples(name)
-                ratios[name], _ = search_clip_ratio(
-                    s.layers[name].weight, bits_of(ls.format), ls.group_size, x_sample=x, index_sample=idx,
-                    metric=metric, grid=self.clip_grid,
-                )
+        with torch.inference_mode():
+            for rec in tqdm(list(s.layers.values()), desc="myQASR: scoring layers", disable=not self.progress):
+                st = s.stats(rec.name)
+                x, idx = self._samples(rec.name)
+                if st.count == 0 and x is None and idx is None:
+                    raise RuntimeError(
+                        f"layer {rec.name!r} saw no calibration data: run your clips through EVERY graph "
+                        f"prepared with this quantizer ({s.n_graphs} so far) before the first convert_pt2e"
+                    )
+                dist = None
+                if dist_formats:
+                    probe = self._probe(rec.name, metric)
+                    best = probe.search([bits_of(f) for f in dist_formats], self.clip_grid, exact=True)
+                    dist = {f: max(best[bits_of(f)][1], 0.0) for f in dist_formats}
+                    all_ratios[rec.name] = {f: best[bits_of(f)][0] for f in dist_formats}
+                score = dist[self.score_format] if self.score in _scores.DISTANCE_SCORES else _scores.stat_score(st, self.score)
+                infos.append(LayerInfo(rec.name, rec.out_features, rec.in_features, float(score),
+                                       dist if self.strategy == "optimal" else None))
+            fixed = self._fixed_bytes()
+            kwargs: dict[str, Any] = {} if self.order is None else {"order": self.order}
+            choice = allocate_bits(
+                infos, self.budget_mb, strategy=self.strategy, formats=self.formats, group_size=self.group_size,
+                fixed_bytes=fixed, **kwargs,
+            )
+            ratios: dict[str, float] = {}
+            for name, ls in choice.items():
+                if not get_format(ls.format).grouped:
+                    continue
+                if ls.format in all_ratios.get(name, {}):
+                    ratios[name] = all_ratios[name][ls.format]
+                else:
+                    # Only the ratio is needed here, so a wide layer's search stays on its subset.
+                    b = bits_of(ls.format)
+                    ratios[name] = self._probe(name, metric).search([b], self.clip_grid, exact=False)[b][0]
         s.clip_ratios = ratios
         calibration = {**self.calibration, "score": self.score, "metric": metric, "clip_ratios": dict(ratios)}
         if self.score in _scores.DISTANCE_SCORES:
@@ -507,10 +530,9 @@ class MyQASRQuantizer(Quantizer):
             bits_of(ls.format)
             if name not in stored:
                 # Hand-written or older scheme: search again (needs the calibration samples).
-                x, idx = self._samples(name)
-                stored[name], _ = search_clip_ratio(
-                    rec.weight, bits_of(ls.format), ls.group_size, x_sample=x, index_sample=idx, metric=metric, grid=self.clip_grid
-                )
+                b = bits_of(ls.format)
+                with torch.inference_mode():
+                    stored[name] = self._probe(name, metric).search([b], self.clip_grid, exact=False)[b][0]
         s.clip_ratios = {k: float(v) for k, v in stored.items()}
         if stored != scheme.calibration.get("clip_ratios"):
             scheme = Scheme.build(

@@ -57,28 +57,105 @@ def as_matrix(w: torch.Tensor) -> torch.Tensor:
     return w.detach().reshape(w.shape[0], -1).float()
 
 
-def _pad_k(w2: torch.Tensor, group_size: int) -> torch.Tensor:
+def pad_k(w2: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Zero-pad a [N, K] matrix along K up to a multiple of ``group_size`` (no copy if aligned)."""
     k = w2.shape[1]
     kp = padded_k(k, group_size)
     return F.pad(w2, (0, kp - k)) if kp != k else w2
 
 
-def _rtn(w2p: torch.Tensor, bits: int, group_size: int, ratio: float) -> GroupwiseCodes:
-    """Round-to-nearest of a padded float32 matrix with the group range scaled by ``ratio``."""
+_pad_k = pad_k  # the older private name
+
+
+def group_range(w2p: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-group (min, max) of a padded [N, K_padded] matrix, widened to include 0: two [N, groups].
+
+    Including 0 keeps ``zero`` inside ``[0, 2**B - 1]``, where float16 is precise.
+    """
     n, kp = w2p.shape
     g = w2p.view(n, kp // group_size, group_size)
-    qmax = 2**bits - 1
-    wmin = g.amin(-1).clamp(max=0.0) * ratio
-    wmax = g.amax(-1).clamp(min=0.0) * ratio
-    scale = ((wmax - wmin) / qmax).to(torch.float16)
+    return g.amin(-1).clamp(max=0.0), g.amax(-1).clamp(min=0.0)
+
+
+def scale_zero(
+    gmin: torch.Tensor, gmax: torch.Tensor, ratio: torch.Tensor, qmax: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """float16 scale and zero [C, N, groups] of candidates ``(ratio[c], qmax[c])`` (float32 [C]).
+
+    The group range [gmin, gmax] ([N, groups], weight units) is shrunk by ``ratio``; ``scale`` is
+    in weight units per code step, ``zero`` in codes.
+    """
+    r = ratio.view(-1, 1, 1)
+    wmin, wmax = gmin * r, gmax * r
+    scale = ((wmax - wmin) / qmax.view(-1, 1, 1)).to(torch.float16)
     # An all-zero group has range 0: any positive scale reproduces it exactly (codes == zero).
     scale = torch.where(scale.float() >= FP16_TINY, scale, torch.ones_like(scale))
     zero = (-wmin / scale.float()).to(torch.float16)
-    # Codes are computed with the float16-rounded scale and zero, so dequantization (which only
-    # sees those) reproduces the nearest grid point.
-    q = torch.round(g / scale.float().unsqueeze(-1) + zero.float().unsqueeze(-1))
-    codes = q.clamp_(0, qmax).to(torch.uint8).view(n, kp)
-    return GroupwiseCodes(codes, scale, zero)
+    return scale, zero
+
+
+def _codes_float(w2p: torch.Tensor, s: torch.Tensor, z: torch.Tensor, qmax: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Codes as float32 [C, N, groups, group_size].
+
+    ``s`` and ``z`` are the float16 scale and zero already widened to float32 [C, N, groups, 1];
+    computing with the float16-rounded values makes dequantization (which only sees those)
+    reproduce the nearest grid point. In place after the first op: one buffer per call, and few
+    ops, because on a shared machine every parallel op can cost a scheduler time slice.
+    """
+    n, kp = w2p.shape
+    g = w2p.view(1, n, kp // group_size, group_size)
+    q = torch.addcdiv(z, g, s).round_()  # z + g / s, rounded once each like g / s + z
+    return q.clamp_(min=_ZERO, max=qmax.view(-1, 1, 1, 1))
+
+
+_ZERO = torch.zeros(())
+
+
+def widened_scale_zero(
+    gmin: torch.Tensor, gmax: torch.Tensor, ratio: torch.Tensor, qmax: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`scale_zero` widened to float32 [C, N, groups, 1], ready to broadcast over a group."""
+    scale, zero = scale_zero(gmin, gmax, ratio, qmax)
+    return scale.float().unsqueeze(-1), zero.float().unsqueeze(-1)
+
+
+def fake_quant_error(
+    w2p: torch.Tensor,
+    s: torch.Tensor,
+    z: torch.Tensor,
+    qmax: torch.Tensor,
+    group_size: int,
+) -> torch.Tensor:
+    """``dequantize(quantize(w)) - w`` for every candidate: float32 [C, N, K_padded].
+
+    Args:
+        w2p: padded float32 weight rows [N, K_padded].
+        s, z: the candidates' scale and zero from `widened_scale_zero` [C, N, groups, 1].
+        qmax: float32 [C], ``2**bits - 1`` of each candidate.
+        group_size: weights per group along K.
+
+    The codes are those `quantize_groupwise` stores, bit for bit.
+    """
+    q = _codes_float(w2p, s, z, qmax, group_size)
+    n, kp = w2p.shape
+    return q.sub_(z).mul_(s).view(-1, n, kp).sub_(w2p)
+
+
+def _rtn(w2p: torch.Tensor, bits: int, group_size: int, ratio: float) -> GroupwiseCodes:
+    """Round-to-nearest of a padded float32 matrix with the group range scaled by ``ratio``."""
+    n, kp = w2p.shape
+    gmin, gmax = group_range(w2p, group_size)
+    ratio_t = torch.tensor([ratio], dtype=torch.float32)
+    qmax_t = torch.tensor([float(2**bits - 1)], dtype=torch.float32)
+    scale, zero = scale_zero(gmin, gmax, ratio_t, qmax_t)
+    q = _codes_float(w2p, scale.float().unsqueeze(-1), zero.float().unsqueeze(-1), qmax_t, group_size)
+    return GroupwiseCodes(q.to(torch.uint8).view(n, kp), scale[0], zero[0])
+
+
+def check_grid(grid: Sequence[float]) -> None:
+    """Raise a ValueError unless ``grid`` is a non-empty sequence of ratios in (0, 1]."""
+    if not grid or any(not (0.0 < r <= 1.0) for r in grid):
+        raise ValueError(f"clip grid must be non-empty ratios in (0, 1], got {tuple(grid)}")
 
 
 def dequantize_groupwise(
@@ -190,20 +267,13 @@ def search_clip_ratio(
         ``(ratio, distance)``: the best ratio and its objective value (unitless for cosine, nats
         for kl, squared weight units for MSE).
     """
-    if not grid or any(not (0.0 < r <= 1.0) for r in grid):
-        raise ValueError(f"clip grid must be non-empty ratios in (0, 1], got {tuple(grid)}")
-    w2 = as_matrix(w)
-    w2p = _pad_k(w2, group_size)
-    probe = _Probe(w2, x_sample, index_sample)
-    best: tuple[float, float] | None = None
-    for r in grid:
-        c = _rtn(w2p, bits, group_size, float(r))
-        w_hat = dequantize_groupwise(c.codes, c.scale, c.zero, group_size, shape=w2.shape)
-        d = probe.distance(w_hat, metric) if probe.has_samples else output_distance(w2, w_hat, "mse")
-        if best is None or d < best[1]:
-            best = (float(r), d)
-    assert best is not None
-    return best
+    from torch_myqasr.quantizer.clip_search import SearchProbe  # imports this module
+
+    check_grid(grid)
+    if not isinstance(bits, int) or not 2 <= bits <= 8:
+        raise ValueError(f"bits must be an int in 2..8, got {bits!r}")
+    probe = SearchProbe(w, group_size, x_sample=x_sample, index_sample=index_sample, metric=metric)
+    return probe.search([bits], grid)[bits]
 
 
 def quantize_groupwise(

@@ -15,6 +15,7 @@ import torch
 
 # A module import (not `from ... import`): the quantizer package imports this package too, and
 # the names are only needed at call time.
+import torch_myqasr.quantizer.clip_search as _cs
 import torch_myqasr.quantizer.weight_quant as _wq
 
 
@@ -44,11 +45,14 @@ def layer_distortions(
         ``(distortion, clip_ratio)``, both ``{format: value}``.
     """
     grid = _wq.DEFAULT_CLIP_GRID if grid is None else grid
+    bits = {fmt: _wq.bits_of(fmt) for fmt in formats}
+    # One probe (reference outputs, group ranges) and ONE vectorised pass over the weight for
+    # every (format, ratio) candidate; see torch_myqasr.quantizer.clip_search.
+    probe = _cs.SearchProbe(w, group_size, x_sample=x_sample, index_sample=index_sample, metric=metric)
+    best = probe.search(list(bits.values()), grid)
     dist: dict[str, float] = {}
     ratio: dict[str, float] = {}
-    for fmt in formats:
-        r, d = _wq.search_clip_ratio(
-            w, _wq.bits_of(fmt), group_size, x_sample=x_sample, index_sample=index_sample, metric=metric, grid=grid
-        )
+    for fmt, b in bits.items():
+        r, d = best[b]
         dist[fmt], ratio[fmt] = max(d, 0.0), r
     return dist, ratio
