@@ -174,3 +174,48 @@ def test_layer_distortions_fall_with_bits():
     # an embedding use: distance on looked-up rows
     dist, _ = layer_distortions(w, ["int8", "int2"], 32, index_sample=torch.tensor([0, 3, 3, 7]))
     assert dist["int2"] > dist["int8"]
+
+
+def test_reservoir_one_huge_batch_is_uniform_and_lazy():
+    # a single batch 400x the capacity: the sample is still uniform over the whole batch, and
+    # only the rows that enter the sample are ever materialised
+    r = ReservoirSampler(1000, seed=3)
+    asked = []
+
+    def get(at):
+        idx = torch.arange(400_000, dtype=torch.float64)[at]
+        asked.append(idx.numel())
+        return idx
+
+    r.add_lazy(400_000, get)
+    s = r.sample()
+    assert s.shape == (1000,) and len(set(s.tolist())) == 1000 and r.seen == 400_000
+    assert abs(float(s.mean()) - 199_999.5) < 12_000  # ~3.3 standard errors
+    hist = torch.histc(s.float(), bins=4, min=0, max=400_000)
+    assert bool((hist > 200).all())  # every quarter of the stream is represented
+    assert sum(asked) < 20_000  # far fewer rows built than the 400,000 offered
+
+
+def test_reservoir_inclusion_probability_is_uniform_over_batches():
+    # 200 runs with different seeds: every stream position is kept with probability capacity/seen
+    counts = torch.zeros(600)
+    for seed in range(200):
+        r = ReservoirSampler(30, seed=seed)
+        for chunk in torch.arange(600.0).split([10, 50, 140, 400]):
+            r.add(chunk)
+        counts[r.sample().long()] += 1
+    per_block = counts.view(6, 100).sum(1) / 200  # expected 5 of 30 per block of 100
+    assert bool(((per_block - 5).abs() < 1.0).all()), per_block
+
+
+def test_lazy_conv_patches_match_unfold():
+    from torch_myqasr.quantizer.observers import conv1d_patch_rows
+
+    x = torch.randn(2, 5, 17)
+    for kernel, stride, padding, dilation in [(3, 1, 1, 1), (3, 2, 1, 1), (2, 1, 0, 2)]:
+        ref = conv1d_patches(x, kernel, stride, padding, dilation)
+        n, get = conv1d_patch_rows(x, kernel, stride, padding, dilation)
+        assert n == ref.shape[0]
+        torch.testing.assert_close(get(slice(0, n)), ref, rtol=0, atol=0)
+        pos = torch.tensor([n - 1, 0, 7])
+        torch.testing.assert_close(get(pos), ref[pos], rtol=0, atol=0)

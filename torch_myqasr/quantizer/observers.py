@@ -20,7 +20,7 @@ prepared with one quantizer feeds one set of per-layer statistics.
 from __future__ import annotations
 
 import zlib
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol, Union
 
 import numpy as np
 import torch
@@ -42,10 +42,22 @@ def stable_seed(name: str) -> int:
     return zlib.crc32(name.encode("utf-8"))
 
 
-class ReservoirSampler:
-    """Uniform fixed-size sample of the rows of every tensor passed to `add` (Algorithm R).
+RowGetter = Callable[[Union[slice, torch.Tensor]], torch.Tensor]
+"""Returns the rows at a slice or at int64 positions of a stream batch (materialised on demand)."""
 
-    Deterministic: the same sequence of `add` calls with the same seed gives the same sample.
+
+class ReservoirSampler:
+    """Uniform fixed-size sample of the rows of every tensor passed to `add` (bottom-k random keys).
+
+    Every row seen gets an independent U(0, 1) key and the sample is the ``capacity`` rows with
+    the smallest keys: a uniform sample without replacement of everything seen. Once the sample is
+    full with largest key ``t``, a new row can only enter with a key below ``t``, so per batch of
+    ``n`` rows only ``Binomial(n, t)`` entrants are drawn (positions uniform, keys U(0, t)) instead
+    of one random number per row: cost O(capacity + entrants), not O(rows seen), and only the
+    entrants' rows are ever materialised (`add_lazy`). ``t`` falls like ``capacity / seen``.
+
+    Deterministic: the same sequence of `add` calls with the same seed gives the same sample. While
+    fewer rows than ``capacity`` have been seen, the sample is all of them in arrival order.
     """
 
     def __init__(self, capacity: int, seed: int) -> None:
@@ -55,38 +67,75 @@ class ReservoirSampler:
         self.seen = 0
         self._gen = torch.Generator().manual_seed(seed)
         self._buf: torch.Tensor | None = None
+        self._keys = torch.empty(capacity, dtype=torch.float64)
         self._filled = 0
 
     def add(self, rows: torch.Tensor) -> None:
         """Offer every row of ``rows`` ([n, ...]) to the sample."""
-        rows = rows.detach().cpu()
-        n = rows.shape[0]
+        rows = rows.detach()
+        self.add_lazy(rows.shape[0], rows.__getitem__)
+
+    def add_lazy(self, n: int, get_rows: RowGetter) -> None:
+        """Offer ``n`` rows that ``get_rows(slice or positions)`` materialises on demand."""
         if n == 0:
             return
-        if self._buf is None:
-            self._buf = rows.new_empty((self.capacity, *rows.shape[1:]))
-        elif rows.shape[1:] != self._buf.shape[1:] or rows.dtype != self._buf.dtype:
+        take = min(self.capacity - self._filled, n)
+        if take > 0:
+            first = get_rows(slice(0, take)).cpu()
+            if self._buf is None:
+                self._buf = first.new_empty((self.capacity, *first.shape[1:]))
+            self._check(first)
+            self._buf[self._filled : self._filled + take] = first
+            self._keys[self._filled : self._filled + take] = torch.rand(take, generator=self._gen, dtype=torch.float64)
+            self._filled += take
+        lo = take
+        while lo < n:
+            # Pieces about as large as everything seen so far: the entrant rate t ~ capacity/seen
+            # then halves from piece to piece, so each piece has at most ~capacity entrants and a
+            # batch costs O(capacity * log(n / seen)) however large it is.
+            hi = min(n, lo + max(self.capacity, self.seen + lo))
+            self._merge(lo, hi, get_rows)
+            lo = hi
+        self.seen += n
+
+    def _merge(self, lo: int, hi: int, get_rows: RowGetter) -> None:
+        """Let rows ``lo .. hi`` of the batch into the full sample (bottom-k keys, see class doc)."""
+        assert self._buf is not None
+        t = float(self._keys.max())
+        k = int(torch.binomial(torch.tensor([float(hi - lo)], dtype=torch.float64),
+                               torch.tensor([t], dtype=torch.float64), generator=self._gen))
+        if k == 0:
+            return
+        new_keys = torch.rand(k, generator=self._gen, dtype=torch.float64) * t
+        pos = lo + self._positions(hi - lo, k)
+        # The capacity smallest keys of (sample, entrants) stay: entrants take the evicted slots.
+        thr = torch.cat([self._keys, new_keys]).kthvalue(self.capacity).values
+        evict = (self._keys > thr).nonzero().flatten()
+        enter = (new_keys <= thr).nonzero().flatten()
+        m = min(evict.numel(), enter.numel())  # equal unless keys tie (probability ~0)
+        evict, enter = evict[:m], enter[:m]
+        rows = get_rows(pos[enter]).cpu()  # only the entrants are materialised
+        self._check(rows)
+        self._keys[evict] = new_keys[enter]
+        self._buf[evict] = rows
+
+    def _positions(self, n: int, k: int) -> torch.Tensor:
+        """``k`` distinct positions drawn uniformly from ``range(n)`` (int64, any order)."""
+        if 4 * k >= n:
+            return torch.randperm(n, generator=self._gen)[:k]
+        pos = torch.empty(0, dtype=torch.int64)
+        while pos.numel() < k:  # collisions are rare when k << n: one round, almost always
+            pos = torch.unique(torch.cat([pos, torch.randint(n, (k + k // 8 + 8,), generator=self._gen)]))
+        # unique() sorts: keep a random k of them, not the smallest k
+        return pos[torch.randperm(pos.numel(), generator=self._gen)[:k]]
+
+    def _check(self, rows: torch.Tensor) -> None:
+        assert self._buf is not None
+        if rows.shape[1:] != self._buf.shape[1:] or rows.dtype != self._buf.dtype:
             raise ValueError(
                 f"reservoir rows changed shape/dtype: {tuple(self._buf.shape[1:])} {self._buf.dtype} "
                 f"then {tuple(rows.shape[1:])} {rows.dtype}"
             )
-        take = min(self.capacity - self._filled, n)
-        if take > 0:
-            self._buf[self._filled : self._filled + take] = rows[:take]
-            self._filled += take
-        rest = n - take
-        if rest > 0:
-            # Item with 0-based global index i replaces slot j ~ U{0..i} when j < capacity.
-            idx = torch.arange(self.seen + take, self.seen + n, dtype=torch.float64)
-            j = (torch.rand(rest, generator=self._gen, dtype=torch.float64) * (idx + 1)).long()
-            hit = (j < self.capacity).nonzero().flatten()
-            if hit.numel():
-                slots = j[hit].numpy()
-                # Several items may pick one slot: the later one wins (sequential semantics).
-                _, last_rev = np.unique(slots[::-1], return_index=True)
-                keep = hit[torch.from_numpy((len(slots) - 1 - last_rev).astype(np.int64))]
-                self._buf[j[keep]] = rows[take:][keep]
-        self.seen += n
 
     def sample(self) -> torch.Tensor | None:
         """The current sample ([min(seen, capacity), ...]), or None if nothing was seen."""
@@ -113,15 +162,20 @@ class LayerStatistics:
     # -- outputs -------------------------------------------------------------------------------
     def update_output(self, y: torch.Tensor) -> None:
         """Fold one output tensor of the layer into the |output| statistics."""
-        a = y.detach().abs().reshape(-1).to(torch.float64).cpu()
-        if a.numel() == 0:
+        flat = y.detach().reshape(-1)
+        if flat.numel() == 0:
             return
+        if flat.dtype != torch.float32:
+            flat = flat.float()
         self.calls += 1
-        self.count += a.numel()
-        self.sum += float(a.sum())
-        self.sum_sq += float((a * a).sum())
-        self.max_abs = max(self.max_abs, float(a.max()))
-        self.values.add(a.float())
+        self.count += flat.numel()
+        # Float64 accumulation straight from float32 (no float64 copy of the tensor).
+        self.sum += float(flat.abs().sum(dtype=torch.float64))
+        self.sum_sq += float((flat * flat).sum(dtype=torch.float64))
+        lo, hi = torch.aminmax(flat)
+        self.max_abs = max(self.max_abs, float(hi), -float(lo))
+        # Only the values that enter the reservoir are materialised (and made absolute).
+        self.values.add_lazy(flat.numel(), lambda at: flat[at].abs())
 
     @property
     def mean_abs(self) -> float:
@@ -148,9 +202,14 @@ class LayerStatistics:
         """Offer input rows [n, K] to the row sample and update the input range."""
         rows = rows.detach()
         if rows.numel():
-            self.in_min = min(self.in_min, float(rows.min()))
-            self.in_max = max(self.in_max, float(rows.max()))
-        self.rows.add(rows.float())
+            self.update_input_range(rows)
+        self.rows.add_lazy(rows.shape[0], lambda at: rows[at].float())
+
+    def update_input_range(self, x: torch.Tensor) -> None:
+        """Widen the recorded input range [in_min, in_max] to cover ``x`` (for 8-bit activations)."""
+        lo, hi = torch.aminmax(x.detach())
+        self.in_min = min(self.in_min, float(lo))
+        self.in_max = max(self.in_max, float(hi))
 
     def update_indices(self, ids: torch.Tensor) -> None:
         """Offer embedding token ids to the id sample."""
@@ -174,6 +233,29 @@ def conv1d_patches(x: torch.Tensor, kernel: int, stride: int, padding: int, dila
         x = x.unsqueeze(0)
     cols = F.unfold(x.unsqueeze(2), (1, kernel), dilation=(1, dilation), padding=(0, padding), stride=(1, stride))
     return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+
+
+def conv1d_patch_rows(x: torch.Tensor, kernel: int, stride: int, padding: int, dilation: int) -> tuple[int, RowGetter]:
+    """The number of `conv1d_patches` rows of ``x`` and a function returning any of them.
+
+    Row ``p`` is the patch of batch ``p // L_out`` at output time ``p % L_out``; the getter builds
+    only the rows asked for, with the layout of `conv1d_patches` ([I*kernel], channel-major).
+    """
+    if x.dim() == 2:
+        x = x.unsqueeze(0)
+    b, i, length = x.shape
+    l_out = (length + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+    xp = F.pad(x.float(), (padding, padding)).transpose(1, 2)  # [B, L_padded, I]
+    taps = torch.arange(kernel) * dilation
+
+    def get(at: slice | torch.Tensor) -> torch.Tensor:
+        pos = torch.arange(b * l_out)[at] if isinstance(at, slice) else at
+        bi, t = pos // l_out, pos % l_out
+        cols = t.unsqueeze(1) * stride + taps  # [n, kernel]
+        patches = xp[bi.unsqueeze(1), cols]  # [n, kernel, I]
+        return patches.transpose(1, 2).reshape(-1, i * kernel)
+
+    return b * l_out, get
 
 
 class _MyQASRObserver(ObserverBase):
@@ -231,7 +313,13 @@ class LayerInputObserver(_MyQASRObserver):
             st.update_indices(x)
         elif self.kind == "conv1d":
             assert self.conv is not None
-            st.update_input_rows(conv1d_patches(x.detach().float(), *self.conv))
+            # Only the sampled patches are unfolded; the range is that of x (zero padding cannot
+            # widen it: the activation range always includes 0).
+            xs = x.detach()
+            if xs.numel():
+                st.update_input_range(xs)
+            n, get = conv1d_patch_rows(xs, *self.conv)
+            st.rows.add_lazy(n, get)
         else:
             st.update_input_rows(x.detach().reshape(-1, self.in_features))
         return x
