@@ -31,28 +31,56 @@ def _default_data() -> Path:
     return corpus_manifest("test")
 
 
+def _load_recognizer(model: str):
+    """(bundle, decode) for a model name/folder, or for a folder written by ``myqasr quantize``."""
+    from torch_myqasr.models import load_whisper
+    from torch_myqasr.pipeline import is_quantized_dir, load_quantized
+
+    if is_quantized_dir(model):
+        qw = load_quantized(model)
+        return qw.bundle, qw.decoder()
+    return load_whisper(model), None
+
+
+def parse_budget(text: str) -> float:
+    """A budget such as "20MB", "20MiB" or "20" in MiB (2**20 bytes: MB is read as MiB, as in the scheme)."""
+    t = text.strip().lower().replace(" ", "")
+    for suffix in ("mib", "mb", "m"):
+        if t.endswith(suffix):
+            t = t[: -len(suffix)]
+            break
+    try:
+        value = float(t)
+    except ValueError:
+        raise ValueError(f"cannot read budget {text!r}: give MiB like 20MB, 20MiB or 20") from None
+    if value <= 0:
+        raise ValueError(f"budget must be positive, got {text!r}")
+    return value
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     """Transcribe a labelled dataset and print WER overall and per speaker / gender / language."""
     from torch_myqasr.audio import open_dataset
     from torch_myqasr.evaluation.transcribe import evaluate
     from torch_myqasr.evaluation.wer import format_wer_table, wer_report_dict
-    from torch_myqasr.models import load_whisper
 
     data = Path(args.data) if args.data else _default_data()
     dataset = open_dataset(data)
     if args.speaker:
         dataset = dataset.filter(speakers=args.speaker)
-    bundle = load_whisper(args.model)
+    bundle, decode = _load_recognizer(args.model)
     if not bundle.is_multilingual:
         non_english = sorted({u.language for u in dataset if u.language not in (None, "en")})
         if non_english and not args.speaker:
             print(f"note: {bundle.model_id} is English-only; skipping {', '.join(non_english)} utterances", file=sys.stderr)
             dataset = dataset.filter(languages=["en", None])
-    result = evaluate(bundle, dataset, language=args.language, batch_size=args.batch_size, progress=not args.quiet)
+    result = evaluate(
+        bundle, dataset, language=args.language, batch_size=args.batch_size, decode=decode, progress=not args.quiet
+    )
     print(f"model {bundle.model_id} on {data} ({len(result.records)} utterances)")
     print(format_wer_table(result.wer))
     if args.json:
-        report = wer_report_dict(result.wer, model=bundle.model_id)
+        report = wer_report_dict(result.wer, model=args.model)
         report["data"] = str(data)
         atomic_write_text(args.json, json.dumps(report, indent=2) + "\n")
         print(f"wrote {args.json}")
@@ -63,13 +91,47 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
     """Print the transcript of each audio file."""
     from torch_myqasr.audio import load_audio
     from torch_myqasr.evaluation.transcribe import transcribe
-    from torch_myqasr.models import load_whisper
 
     audios = [load_audio(f) for f in args.files]
-    bundle = load_whisper(args.model)
-    texts = transcribe(bundle, audios, language=args.language, batch_size=args.batch_size, progress=False)
+    bundle, decode = _load_recognizer(args.model)
+    texts = transcribe(bundle, audios, language=args.language, batch_size=args.batch_size, decode=decode, progress=False)
     for f, t in zip(args.files, texts):
         print(f"{f}\t{t}" if len(args.files) > 1 else t)
+    return 0
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    """Calibrate on unlabelled clips, pick per-layer bits under the budget, quantize, save the scheme."""
+    from torch_myqasr.allocation import format_scheme_summary, plot_scheme
+    from torch_myqasr.audio import load_dataset_audio, open_dataset
+    from torch_myqasr.models import load_whisper
+    from torch_myqasr.pipeline import quantize_whisper, save_quantized
+
+    budget = parse_budget(args.budget)
+    bits = [int(b) for b in args.bits.split(",") if b.strip()]
+    formats = tuple(f"int{b}" for b in sorted(set(bits), reverse=True))
+    dataset = open_dataset(args.calib)
+    if args.speaker:
+        dataset = dataset.filter(speakers=args.speaker)
+    clips = [audio for _, audio in load_dataset_audio(dataset)]  # transcripts, if any, are never read
+    bundle = load_whisper(args.model)
+    qw = quantize_whisper(
+        bundle,
+        clips,
+        budget_mb=budget,
+        strategy=args.strategy,
+        formats=formats,
+        group_size=args.group_size,
+        score=args.score,
+        language=args.language,
+        batch_size=args.batch_size,
+        progress=not args.quiet,
+    )
+    path = save_quantized(qw, args.out)
+    plot_scheme(qw.scheme, Path(args.out) / "scheme.png")
+    print(format_scheme_summary(qw.scheme))
+    print(f"calibrated on {len(clips)} clips ({qw.scheme.calibration['seconds']:.1f} s) of {dataset.name}")
+    print(f"wrote {path} and {Path(args.out) / 'scheme.png'}")
     return 0
 
 
@@ -90,6 +152,21 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", default=None, help="also write the WER report to this JSON file")
     e.add_argument("--quiet", action="store_true", help="no progress bar")
     e.set_defaults(func=cmd_eval)
+
+    q = sub.add_parser("quantize", help="personalised mixed-precision quantization under a memory budget")
+    q.add_argument("--model", default="tiny.en", help="tiny.en (default), base, or a model folder")
+    q.add_argument("--calib", required=True, help="the user's clips: audio folder, JSONL manifest or LibriSpeech tree (transcripts are ignored)")
+    q.add_argument("--speaker", action="append", help="calibrate on this speaker of --calib only (repeatable)")
+    q.add_argument("--budget", required=True, help="memory for all weights in MiB, e.g. 20MB (MB is read as MiB = 2**20 bytes)")
+    q.add_argument("--strategy", default="myqasr", choices=["myqasr", "optimal", "uniform"])
+    q.add_argument("--bits", default="8,6,5,4,3,2", help="candidate integer bit-widths (default 8,6,5,4,3,2)")
+    q.add_argument("--group-size", type=int, default=64, help="weights per scale along the input dimension")
+    q.add_argument("--score", default="median", help="sensitivity score: median (paper), max, mean, std, cosine, kl")
+    q.add_argument("--language", default=None, help="language of the clips for multilingual models (default en)")
+    q.add_argument("--batch-size", type=int, default=8)
+    q.add_argument("--out", required=True, help="folder for scheme.json (and the quantized model)")
+    q.add_argument("--quiet", action="store_true", help="no progress bars")
+    q.set_defaults(func=cmd_quantize)
 
     t = sub.add_parser("transcribe", help="print transcripts of audio files")
     model_arg(t)

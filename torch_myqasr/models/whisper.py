@@ -175,9 +175,9 @@ def load_whisper(
             if not (path / needed).is_file():
                 raise ModelLoadError(f"CTranslate2 model folder {path} lacks {needed}")
         parts = [path / "model.bin"]
-        return _load_converted(str(path), parts, path, sha256_of_files(parts), cache_root)
+        return _load_converted(str(path.resolve()), parts, path, sha256_of_files(parts), cache_root)
     if (path / "config.json").is_file():
-        return _load_transformers_folder(path, model_id=str(path))
+        return _load_transformers_folder(path, model_id=str(path.resolve()))
     raise ModelLoadError(
         f"{path} is neither a transformers Whisper folder (config.json + weights) nor a CTranslate2 "
         "folder (model.bin + config.json + tokenizer.json)"

@@ -1,0 +1,113 @@
+"""Personalised quantization of real Whisper tiny.en on real clips, through the exported programs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from torch_myqasr.allocation import BudgetError
+from torch_myqasr.audio import load_dataset_audio, open_dataset
+from torch_myqasr.cli import main
+from torch_myqasr.corpus import corpus_manifest
+from torch_myqasr.evaluation.normalize import normalize_text
+from torch_myqasr.evaluation.transcribe import evaluate, featurize, hf_generate_decoder, transcribe
+from torch_myqasr.evaluation.wer import compute_wer
+from torch_myqasr.models import load_whisper
+from torch_myqasr.pipeline import exported_decoder, load_quantized, quantize_whisper, save_quantized
+
+pytestmark = pytest.mark.slow
+
+BUDGET_MB = 24.0  # tiny.en: uniform int4 is ~22.7 MiB, int5 ~26 MiB, fp32 ~144 MiB
+
+
+def _clips(split: str, speaker: str, n: int):
+    data = open_dataset(corpus_manifest(split)).filter(speakers=[speaker])
+    return [(u, a) for u, a in load_dataset_audio(data)][:n]
+
+
+@pytest.fixture(scope="module")
+def bundle():
+    return load_whisper("tiny.en")
+
+
+@pytest.fixture(scope="module")
+def calib():
+    return [a for _, a in _clips("calib", "slt", 3)]
+
+
+@pytest.fixture(scope="module")
+def quantized(bundle, calib):
+    return quantize_whisper(bundle, calib, budget_mb=BUDGET_MB, progress=False)
+
+
+def test_full_precision_through_exported_programs_equals_transformers_generate(bundle):
+    from torch_myqasr.export import export_whisper
+
+    clips = [a for _, a in _clips("test", "librivox", 2) + _clips("test", "kal", 2)]
+    exported = export_whisper(bundle.model, max_cache_len=120)
+    ours = exported_decoder(bundle, exported, exported.modules())
+    feats = featurize(bundle, clips)
+    assert ours(feats, 60, None) == hf_generate_decoder(bundle)(feats, 60, None)
+
+
+def test_budget_is_honoured_and_speech_is_still_recognised(bundle, quantized):
+    s = quantized.scheme
+    assert s.size_mb <= BUDGET_MB and s.budget_mb == BUDGET_MB
+    assert s.calibration["n_clips"] == 3 and s.calibration["seconds"] > 3
+    assert "model.decoder.embed_tokens" in s.layers  # the tied embedding is a candidate like any linear
+    assert {l.format for l in s.layers.values()} <= {"int8", "int6", "int5", "int4", "int3", "int2"}
+    test = open_dataset(corpus_manifest("test")).filter(speakers=["slt", "librivox"])
+    res = evaluate(bundle, test, decode=quantized.decoder(), progress=False)
+    assert res.wer["overall"].wer < 0.2  # fp32 tiny.en: ~4%; uniform int3 collapses
+
+
+def test_same_clips_and_budget_give_the_same_scheme(bundle, calib, quantized):
+    again = quantize_whisper(bundle, calib, budget_mb=BUDGET_MB, progress=False)
+    assert again.scheme.to_json() == quantized.scheme.to_json()
+
+
+def test_saved_scheme_reloads_to_identical_outputs(bundle, quantized, tmp_path):
+    save_quantized(quantized, tmp_path / "q")
+    saved = json.loads((tmp_path / "q" / "scheme.json").read_text())
+    assert {"budget_mb", "size_mb", "strategy", "layers"} <= set(saved)
+    assert all({"bits", "group_size"} <= set(l) for l in saved["layers"].values())
+    reloaded = load_quantized(tmp_path / "q")
+    clips = [a for _, a in _clips("test", "slt", 2)]
+    feats = featurize(bundle, clips)
+    with torch.inference_mode():
+        a = quantized.encoder(feats)
+        b = reloaded.encoder(feats)
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+    assert transcribe(bundle, clips, decode=quantized.decoder(), progress=False) == transcribe(
+        bundle, clips, decode=reloaded.decoder(), progress=False
+    )
+
+
+def test_budget_below_the_minimum_names_the_minimum(bundle, calib):
+    with pytest.raises(BudgetError, match=r"smallest reachable size [0-9.]+ MiB"):
+        quantize_whisper(bundle, calib[:1], budget_mb=5.0, progress=False)
+
+
+def test_cli_quantize_then_eval_and_transcribe_the_folder(tmp_path, capsys):
+    out = tmp_path / "user"
+    code = main(["quantize", "--model", "tiny.en", "--calib", str(corpus_manifest("calib")), "--speaker", "kal",
+                 "--budget", "30MB", "--out", str(out), "--quiet"])
+    printed = capsys.readouterr().out
+    assert code == 0 and "MiB budget" in printed and "int" in printed
+    assert (out / "scheme.json").is_file() and (out / "scheme.png").is_file()
+    assert json.loads((out / "scheme.json").read_text())["size_mb"] <= 30.0
+    code = main(["eval", "--model", str(out), "--speaker", "kal", "--quiet", "--json", str(tmp_path / "r.json")])
+    assert code == 0
+    assert json.loads((tmp_path / "r.json").read_text())["by_speaker"]["kal"]["n_utts"] == 8
+
+
+@pytest.mark.parametrize(
+    "budget, message", [("3MB", "smallest reachable size"), ("twenty", "cannot read budget"), ("-4MB", "positive")]
+)
+def test_cli_quantize_bad_budgets(tmp_path, capsys, budget, message):
+    code = main(["quantize", "--calib", str(corpus_manifest("calib")), "--speaker", "slt", f"--budget={budget}",
+                 "--out", str(tmp_path / "x"), "--quiet"])
+    assert code == 2 and message in capsys.readouterr().err

@@ -1,0 +1,25 @@
+"""The personalise-and-quantize job, end to end, as library calls the CLI wraps."""
+
+from torch_myqasr.pipeline.personalize import (
+    KEEP_FULL_PRECISION_DEFAULT,
+    MAX_CACHE_LEN,
+    QuantizedWhisper,
+    calibration_summary,
+    exported_decoder,
+    is_quantized_dir,
+    load_quantized,
+    quantize_whisper,
+    save_quantized,
+)
+
+__all__ = [
+    "KEEP_FULL_PRECISION_DEFAULT",
+    "MAX_CACHE_LEN",
+    "QuantizedWhisper",
+    "calibration_summary",
+    "exported_decoder",
+    "is_quantized_dir",
+    "load_quantized",
+    "quantize_whisper",
+    "save_quantized",
+]
