@@ -190,7 +190,9 @@ def lower_quantized(
             _get_attr(gm, codes_n.target), _get_attr(gm, scale_n.target), _get_attr(gm, zero_n.target),
             fmt=fmt, group_size=int(group_size), in_features=k,
         )
-        prefix = _unique_name(gm, _prefix(codes_n.target)) if hasattr(gm, _prefix(codes_n.target) + "_packed") else _prefix(codes_n.target)
+        prefix = _prefix(codes_n.target)
+        if any(hasattr(gm, prefix + suffix) for suffix in PACKED_SUFFIXES):
+            prefix = _unique_name(gm, prefix)  # a name clash with an existing attribute: never overwrite it
         with graph.inserting_before(node):
             attrs = []
             for suffix, tensor in zip(PACKED_SUFFIXES, (qw.packed, qw.scale_t, qw.zero_t)):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import fx
 
-from torch_myqasr.lowering.passes import EMBEDDING_OP, LINEAR_OPS
+from torch_myqasr.lowering.passes import EMBEDDING_OP
 
 # Positions of the packed weight's tensor arguments in each op's schema (not x / bias / caches).
 _WEIGHT_ARGS = {
