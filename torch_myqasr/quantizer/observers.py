@@ -54,7 +54,8 @@ class ReservoirSampler:
     full with largest key ``t``, a new row can only enter with a key below ``t``, so per batch of
     ``n`` rows only ``Binomial(n, t)`` entrants are drawn (positions uniform, keys U(0, t)) instead
     of one random number per row: cost O(capacity + entrants), not O(rows seen), and only the
-    entrants' rows are ever materialised (`add_lazy`). ``t`` falls like ``capacity / seen``.
+    entrants' rows are ever materialised (`add_lazy`). ``t`` falls like ``capacity / seen``. A
+    batch larger than the sample draws its ``capacity`` smallest keys directly (`_merge_large`).
 
     Deterministic: the same sequence of `add` calls with the same seed gives the same sample. While
     fewer rows than ``capacity`` have been seen, the sample is all of them in arrival order.
@@ -88,27 +89,42 @@ class ReservoirSampler:
             self._buf[self._filled : self._filled + take] = first
             self._keys[self._filled : self._filled + take] = torch.rand(take, generator=self._gen, dtype=torch.float64)
             self._filled += take
-        lo = take
-        while lo < n:
-            # Pieces about as large as everything seen so far: the entrant rate t ~ capacity/seen
-            # then halves from piece to piece, so each piece has at most ~capacity entrants and a
-            # batch costs O(capacity * log(n / seen)) however large it is.
-            hi = min(n, lo + max(self.capacity, self.seen + lo))
-            self._merge(lo, hi, get_rows)
-            lo = hi
+        rest = n - take
+        if rest > self.capacity:
+            self._merge_large(take, n, get_rows)
+        elif rest > 0:
+            self._merge(take, n, get_rows)
         self.seen += n
 
     def _merge(self, lo: int, hi: int, get_rows: RowGetter) -> None:
         """Let rows ``lo .. hi`` of the batch into the full sample (bottom-k keys, see class doc)."""
-        assert self._buf is not None
         t = float(self._keys.max())
         k = int(torch.binomial(torch.tensor([float(hi - lo)], dtype=torch.float64),
                                torch.tensor([t], dtype=torch.float64), generator=self._gen))
-        if k == 0:
-            return
-        new_keys = torch.rand(k, generator=self._gen, dtype=torch.float64) * t
-        pos = lo + self._positions(hi - lo, k)
-        # The capacity smallest keys of (sample, entrants) stay: entrants take the evicted slots.
+        if k > 0:
+            new_keys = torch.rand(k, generator=self._gen, dtype=torch.float64) * t
+            self._admit(lo + self._positions(hi - lo, k), new_keys, get_rows)
+
+    def _merge_large(self, lo: int, hi: int, get_rows: RowGetter) -> None:
+        """Like `_merge` for more than ``capacity`` rows, in O(capacity) whatever their number.
+
+        Only the ``capacity`` smallest of the batch's keys can matter. Those are the first order
+        statistics of ``m = hi - lo`` uniforms: ``U_(i) = S_i / (S_capacity + G)`` with ``S`` the
+        running sums of Exp(1) draws and ``G ~ Gamma(m - capacity + 1)`` (exact); they sit at a
+        uniformly random set of ``capacity`` distinct positions.
+        """
+        m, c = hi - lo, self.capacity
+        s = torch.cumsum(-torch.log1p(-torch.rand(c, generator=self._gen, dtype=torch.float64)), 0)
+        gamma_seed = int(torch.randint(2**62, (1,), generator=self._gen))
+        g = float(np.random.Generator(np.random.PCG64(gamma_seed)).gamma(m - c + 1))
+        keys = s / (float(s[-1]) + g)  # ascending
+        k = int(torch.searchsorted(keys, float(self._keys.max())))  # only keys below the sample's max can enter
+        if k > 0:
+            self._admit(lo + self._positions(m, k), keys[:k], get_rows)
+
+    def _admit(self, pos: torch.Tensor, new_keys: torch.Tensor, get_rows: RowGetter) -> None:
+        """Keep the ``capacity`` smallest keys of (sample, entrants); entrants take the evicted slots."""
+        assert self._buf is not None
         thr = torch.cat([self._keys, new_keys]).kthvalue(self.capacity).values
         evict = (self._keys > thr).nonzero().flatten()
         enter = (new_keys <= thr).nonzero().flatten()
