@@ -105,7 +105,8 @@ SEARCH_FEATURES = 4096
 
 Each row's quantization error depends on that row alone (scales are per row and group), so the
 best ratio of a 51,864-row token embedding is found as well on a few thousand of its rows: the
-logits each sample row ranks highest (they carry the softmax mass) plus a fixed random set. The
+logits each sample row ranks highest (they carry the softmax mass) plus a fixed random set up to
+that many (the top ones are all kept even past it). The
 winning ratio's objective is then recomputed on every row when the caller needs the value."""
 
 TOP_FEATURES = 16
