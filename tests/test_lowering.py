@@ -24,7 +24,7 @@ from torch_myqasr.lowering import (
 from torch_myqasr.ops import quantize_weight, quantized_embedding
 from torch_myqasr.quantizer import MyQASRQuantizer
 
-VOCAB, D, HID, MELS, FRAMES = 64, 64, 128, 8, 12
+VOCAB, D, HID, MELS, FRAMES = 72, 64, 128, 8, 12  # VOCAB % 16 != 0, like Whisper's 51865
 SHAPES = [(D, MELS * 3), (D, D * 3), (D, D), (VOCAB, D), (HID, D), (D, HID)]
 
 
@@ -121,7 +121,7 @@ m_fc2_bias = get_attr m.fc2.bias
 m_embed_myqasr_codes = get_attr m_embed_myqasr_codes
 m_embed_myqasr_scale = get_attr m_embed_myqasr_scale
 m_embed_myqasr_zero = get_attr m_embed_myqasr_zero
-dequantize_groupwise_default_2 = myqasr.dequantize_groupwise.default(m_embed_myqasr_codes, m_embed_myqasr_scale, m_embed_myqasr_zero, 'int4', 64, [64, 64], torch.float32)
+dequantize_groupwise_default_2 = myqasr.dequantize_groupwise.default(m_embed_myqasr_codes, m_embed_myqasr_scale, m_embed_myqasr_zero, 'int4', 64, [72, 64], torch.float32)
 embedding = aten.embedding.default(dequantize_groupwise_default_2, tok)
 mean = aten.mean.dim(mem, [1], True)
 add = aten.add.Tensor(embedding, mean)
@@ -143,14 +143,14 @@ m_fc2_bias = get_attr m.fc2.bias
 m_embed_myqasr_packed = get_attr m_embed_myqasr_packed
 m_embed_myqasr_scale_t = get_attr m_embed_myqasr_scale_t
 m_embed_myqasr_zero_t = get_attr m_embed_myqasr_zero_t
-embedding_packed_default = myqasr.embedding_packed.default(tok, m_embed_myqasr_packed, m_embed_myqasr_scale_t, m_embed_myqasr_zero_t, 'int4', 64, 64, 64, torch.float32)
+embedding_packed_default = myqasr.embedding_packed.default(tok, m_embed_myqasr_packed, m_embed_myqasr_scale_t, m_embed_myqasr_zero_t, 'int4', 64, 72, 64, torch.float32)
 mean = aten.mean.dim(mem, [1], True)
 add = aten.add.Tensor(embedding_packed_default, mean)
 linear_affine_default = myqasr.linear_affine.default(add, m_fc1_myqasr_packed, m_fc1_myqasr_scale_t, m_fc1_myqasr_zero_t, 4, 64, 128, 64, m_fc1_bias)
 gelu = aten.gelu.default(linear_affine_default)
 linear_affine_default_1 = myqasr.linear_affine.default(gelu, m_fc2_myqasr_packed, m_fc2_myqasr_scale_t, m_fc2_myqasr_zero_t, 4, 64, 64, 128, m_fc2_bias)
 add_1 = aten.add.Tensor(add, linear_affine_default_1)
-linear_affine_default_2 = myqasr.linear_affine.default(add_1, m_embed_myqasr_packed, m_embed_myqasr_scale_t, m_embed_myqasr_zero_t, 4, 64, 64, 64, None)""")
+linear_affine_default_2 = myqasr.linear_affine.default(add_1, m_embed_myqasr_packed, m_embed_myqasr_scale_t, m_embed_myqasr_zero_t, 4, 64, 72, 64, None)""")
 
     def test_encoder_conv_im2col(self):
         _, le, _, _ = _lowered()
@@ -198,7 +198,7 @@ m_fc2_bias = get_attr m.fc2.bias
 m_embed_myqasr_packed = get_attr m_embed_myqasr_packed
 m_embed_myqasr_scale_t = get_attr m_embed_myqasr_scale_t
 m_embed_myqasr_zero_t = get_attr m_embed_myqasr_zero_t
-embedding_packed_default = myqasr.embedding_packed.default(tok, m_embed_myqasr_packed, m_embed_myqasr_scale_t, m_embed_myqasr_zero_t, 'int4', 64, 64, 64, torch.float32)
+embedding_packed_default = myqasr.embedding_packed.default(tok, m_embed_myqasr_packed, m_embed_myqasr_scale_t, m_embed_myqasr_zero_t, 'int4', 64, 72, 64, torch.float32)
 mean = aten.mean.dim(mem, [1], True)
 add = aten.add.Tensor(embedding_packed_default, mean)
 to_dtype = aten.to.dtype(add, torch.bfloat16)
@@ -214,10 +214,18 @@ linear_affine_default_1 = myqasr.linear_affine.default(to_dtype_2, m_fc2_myqasr_
 to_dtype_3 = aten.to.dtype(linear_affine_default_1, torch.float32)
 add_1 = aten.add.Tensor(add, to_dtype_3)
 to_dtype_4 = aten.to.dtype(add_1, torch.bfloat16)
-m_embed_myqasr_cpu_packed = get_attr m_embed_myqasr_cpu_packed
-m_embed_myqasr_cpu_scales_zeros = get_attr m_embed_myqasr_cpu_scales_zeros
-linear_affine_default_2 = myqasr.linear_affine.default(to_dtype_4, m_embed_myqasr_packed, m_embed_myqasr_scale_t, m_embed_myqasr_zero_t, 4, 64, 64, 64, None, m_embed_myqasr_cpu_packed, m_embed_myqasr_cpu_scales_zeros)
-to_dtype_5 = aten.to.dtype(linear_affine_default_2, torch.float32)""")
+m_embed_myqasr_main_cpu_packed = get_attr m_embed_myqasr_main_cpu_packed
+m_embed_myqasr_main_cpu_scales_zeros = get_attr m_embed_myqasr_main_cpu_scales_zeros
+slice_tensor = aten.slice.Tensor(m_embed_myqasr_packed, 1, 0, 64)
+slice_tensor_1 = aten.slice.Tensor(m_embed_myqasr_scale_t, 1, 0, 64)
+slice_tensor_2 = aten.slice.Tensor(m_embed_myqasr_zero_t, 1, 0, 64)
+linear_affine_default_3 = myqasr.linear_affine.default(to_dtype_4, slice_tensor, slice_tensor_1, slice_tensor_2, 4, 64, 64, 64, None, m_embed_myqasr_main_cpu_packed, m_embed_myqasr_main_cpu_scales_zeros)
+slice_tensor_3 = aten.slice.Tensor(m_embed_myqasr_packed, 1, 64, 72)
+slice_tensor_4 = aten.slice.Tensor(m_embed_myqasr_scale_t, 1, 64, 72)
+slice_tensor_5 = aten.slice.Tensor(m_embed_myqasr_zero_t, 1, 64, 72)
+linear_affine_default_4 = myqasr.linear_affine.default(to_dtype_4, slice_tensor_3, slice_tensor_4, slice_tensor_5, 4, 64, 8, 64, None, None, None)
+cat_default = aten.cat.default([linear_affine_default_3, linear_affine_default_4], -1)
+to_dtype_5 = aten.to.dtype(cat_default, torch.float32)""")
 
 
 def _buffers(gm):

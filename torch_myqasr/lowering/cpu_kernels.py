@@ -26,7 +26,7 @@ import torch
 from torch import fx
 
 from torch_myqasr.lowering.passes import LINEAR_OPS, _get_attr, _unique_name
-from torch_myqasr.ops import QuantizedWeight
+from torch_myqasr.ops import QuantizedWeight, cpu
 
 aten = torch.ops.aten
 
@@ -49,6 +49,60 @@ def _weight_of(gm: fx.GraphModule, node: fx.Node) -> Optional[QuantizedWeight]:
         return None
     t = lambda x: None if x is None else _get_attr(gm, x.target)  # noqa: E731
     return QuantizedWeight(fmt=fmt, group_size=group, shape=(n, k), packed=t(packed), scale_t=t(scale), zero_t=t(zero))
+
+
+_N_ALIGN = 16  # aten's int4 weight-pack kernel takes N % 16 == 0
+
+
+def _sliced(qw: QuantizedWeight, start: int, stop: int) -> QuantizedWeight:
+    """Output rows ``start:stop`` of ``qw`` (copies of the column slices of its tensors)."""
+    cut = lambda t: None if t is None else t[:, start:stop]  # noqa: E731
+    return QuantizedWeight(fmt=qw.fmt, group_size=qw.group_size, shape=(stop - start, qw.shape[1]),
+                           packed=cut(qw.packed), scale_t=cut(qw.scale_t), zero_t=cut(qw.zero_t))
+
+
+def _register_cache(gm: fx.GraphModule, before: fx.Node, key: str, qw: QuantizedWeight):
+    """Build aten's int4 operands for ``qw``, register them as buffers, return their get_attr nodes (or None)."""
+    if not qw.prepare_cpu():
+        return None
+    base = key[: -len("_packed")] if key.endswith("_packed") else key
+    names = [_unique_name(gm, base + s) for s in CACHE_SUFFIXES]
+    gm.register_buffer(names[0], qw._cpu_packed)
+    gm.register_buffer(names[1], qw._cpu_scales_zeros)
+    with gm.graph.inserting_before(before):
+        return gm.graph.get_attr(names[0]), gm.graph.get_attr(names[1])
+
+
+def _split_ragged(gm: fx.GraphModule, node: fx.Node, args: list, qw: QuantizedWeight, n_main: int, caches: dict) -> None:
+    """Replace ``node`` (its activation already cast in ``args[0]``) by kernel(rows :n_main) ++ fallback(rows n_main:)."""
+    graph = gm.graph
+    affine = node.target == torch.ops.myqasr.linear_affine.default
+    n, k = qw.shape
+    tensor_pos = (1, 2, 3) if affine else (1, 2)
+    bias_pos = 8 if affine else 6
+    key = node.args[1].target + ":main"
+    if key not in caches:
+        caches[key] = _register_cache(gm, node, node.args[1].target.replace("_packed", "_main_packed"), _sliced(qw, 0, n_main))
+    parts = []
+    with graph.inserting_before(node):
+        for start, stop, cache in ((0, n_main, caches[key]), (n_main, n, None)):
+            part = list(args) + [None] * (len(node.target._schema.arguments) - len(args))
+            for i in tensor_pos:  # column slices of [rows, N] tensors are views: no copy of the weight
+                part[i] = graph.call_function(aten.slice.Tensor, (node.args[i], 1, start, stop))
+            if part[bias_pos] is not None:
+                part[bias_pos] = graph.call_function(aten.slice.Tensor, (part[bias_pos], 0, start, stop))
+            part[6 if affine else 4] = stop - start  # n
+            if cache is not None:
+                part[-2], part[-1] = cache
+            parts.append(graph.call_function(node.target, tuple(part)))
+        joined = graph.call_function(aten.cat.default, (parts, -1))
+    node.replace_all_uses_with(joined)
+    graph.erase_node(node)
+    val = node.meta.get("val")
+    out_dtype = val.dtype if isinstance(val, torch.Tensor) else torch.float32
+    with graph.inserting_after(joined):
+        back = graph.call_function(aten.to.dtype, (joined, out_dtype))
+    joined.replace_all_uses_with(back, delete_user_cb=lambda u: u is not back)
 
 
 def use_cpu_kernels(gm: fx.GraphModule, *, compute_dtype: torch.dtype = torch.bfloat16) -> fx.GraphModule:
@@ -80,17 +134,20 @@ def use_cpu_kernels(gm: fx.GraphModule, *, compute_dtype: torch.dtype = torch.bf
         args = list(node.args)
         args[0] = x
         qw = _weight_of(gm, node)
+        n = qw.shape[0] if qw is not None else 0
+        n_main = n - n % _N_ALIGN
+        if qw is not None and qw.device.type == "cpu" and n % _N_ALIGN and n_main and cpu.int4pack_eligible(
+            _sliced(qw, 0, n_main)
+        ):
+            # aten's kernel needs N % 16 == 0 (Whisper's vocabulary, 51865, is not): run the first
+            # n_main outputs on it, through views of the packed buffers, and the last few rows on the
+            # exact fallback (a [n % 16, K] dequantize per call), then concatenate.
+            _split_ragged(gm, node, args, qw, n_main, caches)
+            continue
         if qw is not None and qw.device.type == "cpu":
             key = node.args[1].target
             if key not in caches:
-                caches[key] = None
-                if qw.prepare_cpu():
-                    base = key[: -len("_packed")] if key.endswith("_packed") else key
-                    names = [_unique_name(gm, base + s) for s in CACHE_SUFFIXES]
-                    gm.register_buffer(names[0], qw._cpu_packed)
-                    gm.register_buffer(names[1], qw._cpu_scales_zeros)
-                    with graph.inserting_before(node):
-                        caches[key] = (graph.get_attr(names[0]), graph.get_attr(names[1]))
+                caches[key] = _register_cache(gm, node, key, qw)
             if caches[key] is not None:
                 # the cache operands are the schema's last two (optional) arguments
                 n_args = len(node.target._schema.arguments)

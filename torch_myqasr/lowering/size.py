@@ -32,6 +32,8 @@ def _attr_bytes(module: torch.nn.Module, positions: dict) -> int:
             continue
         for i in positions[node.target]:
             arg = node.args[i] if i < len(node.args) else None
+            while isinstance(arg, fx.Node) and arg.op == "call_function" and arg.target == torch.ops.aten.slice.Tensor:
+                arg = arg.args[0]  # use_cpu_kernels' split of a ragged N reads views of the buffers
             if isinstance(arg, fx.Node) and arg.op == "get_attr" and arg.target not in seen:
                 t = gm
                 for part in arg.target.split("."):
