@@ -24,12 +24,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.machine import describe_machine, machine_line, machine_slug  # noqa: E402
+from torch_myqasr.allocation import uniform_size_mb  # noqa: E402
 from torch_myqasr.atomic import atomic_open, atomic_write_text  # noqa: E402
 from torch_myqasr.audio import load_dataset_audio, open_dataset  # noqa: E402
 from torch_myqasr.corpus import corpus_manifest  # noqa: E402
 from torch_myqasr.evaluation.transcribe import evaluate  # noqa: E402
 from torch_myqasr.evaluation.wer import wer_report_dict  # noqa: E402
-from torch_myqasr.formats import MIB, weight_nbytes  # noqa: E402
 from torch_myqasr.models import load_whisper  # noqa: E402
 from torch_myqasr.pipeline import quantize_whisper  # noqa: E402
 
@@ -44,15 +44,9 @@ METHODS = {
 }
 
 
-def uniform_sizes_mib(scheme, group_size: int) -> dict[int, float]:
-    """Whole-model size in MiB with every allocated layer at intB, from a scheme's layer inventory."""
-    sizes = {}
-    for b in UNIFORM_BITS:
-        total = scheme.fixed_bytes + sum(
-            weight_nbytes(f"int{b}", l.out_features, l.in_features, group_size) for l in scheme.layers.values()
-        )
-        sizes[b] = total / MIB
-    return sizes
+def uniform_sizes_mib(scheme) -> dict[int, float]:
+    """Whole-model size in MiB with every allocated layer at intB, for each B in UNIFORM_BITS."""
+    return {b: uniform_size_mb(scheme, f"int{b}") for b in UNIFORM_BITS}
 
 
 def budget_for_bits(sizes: dict[int, float], bits: float) -> float:
@@ -96,7 +90,7 @@ def sweep(args) -> dict:
     calib = clips_of("calib", args.calib_speaker)
     test = open_dataset(corpus_manifest("test")).filter(speakers=args.test_speakers)
     probe = quantize_whisper(bundle, calib[:1], budget_mb=1e9, strategy="uniform", group_size=args.group_size, progress=False)
-    sizes = uniform_sizes_mib(probe.scheme, args.group_size)
+    sizes = uniform_sizes_mib(probe.scheme)
     out = {"machine": describe_machine(), "model": args.model, "calib_speaker": args.calib_speaker,
            "test_speakers": args.test_speakers, "group_size": args.group_size, "uniform_mib": sizes,
            "fp32_mib": probe.scheme.size_mb, "runs": []}
@@ -171,7 +165,7 @@ def matrix(args) -> dict:
     test = open_dataset(corpus_manifest("test")).filter(speakers=args.test_speakers)
     probe = quantize_whisper(bundle, clips_of("calib", args.calib_speakers[0])[:1], budget_mb=1e9, strategy="uniform",
                              group_size=args.group_size, progress=False)
-    budget = budget_for_bits(uniform_sizes_mib(probe.scheme, args.group_size), args.bits_per_weight[0])
+    budget = budget_for_bits(uniform_sizes_mib(probe.scheme), args.bits_per_weight[0])
     out = {"machine": describe_machine(), "model": args.model, "budget_mib": budget,
            "bits_per_weight": args.bits_per_weight[0], "method": args.methods[0], "rows": {}}
     for spk in args.calib_speakers:
@@ -221,7 +215,7 @@ def main() -> None:
     p.add_argument("--calib-speakers", nargs="+", default=["slt", "kal", "librivox", "espeak-en-us-f"])
     args = p.parse_args()
     cmd = "python benchmarks/wer_vs_budget.py " + " ".join(sys.argv[1:])
-    slug = f"{args.model.replace('/', '_')}_{machine_slug()}"
+    slug = f"{args.model.replace('/', '_').replace('.', '-')}_{machine_slug()}"
     if args.matrix:
         res = matrix(args)
         stem = RESULTS / f"personalisation_{slug}"

@@ -135,6 +135,18 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_personalize(args: argparse.Namespace) -> int:
+    """The main job: personalise to one bundled speaker, compare fp32 / uniform / personalised."""
+    from torch_myqasr.pipeline.job import run_job
+
+    budget = parse_budget(args.budget) if args.budget else None
+    run_job(args.model, speaker=args.speaker, test_speakers=args.test_speakers, budget_mb=budget,
+            strategy=args.strategy, out_dir=args.out, progress=not args.quiet)
+    print((Path(args.out) / "report.md").read_text())
+    print(f"wrote {args.out}/report.md, report.json, report.png and the personalised scheme in {args.out}/personalised")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``myqasr`` command."""
     p = argparse.ArgumentParser(prog="myqasr", description=__doc__.splitlines()[0])
@@ -167,6 +179,18 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", required=True, help="folder for scheme.json (and the quantized model)")
     q.add_argument("--quiet", action="store_true", help="no progress bars")
     q.set_defaults(func=cmd_quantize)
+
+    from torch_myqasr.pipeline.job import DEFAULT_JOB_SPEAKER, DEFAULT_JOB_TEST_SPEAKERS
+
+    j = sub.add_parser("personalize", help="the main job on the bundled corpus: personalise, quantize, compare")
+    j.add_argument("--model", default="tiny.en", help="tiny.en (default), base, or a model folder")
+    j.add_argument("--speaker", default=DEFAULT_JOB_SPEAKER, help="bundled speaker whose unlabelled clips calibrate")
+    j.add_argument("--test-speakers", nargs="+", default=list(DEFAULT_JOB_TEST_SPEAKERS))
+    j.add_argument("--budget", default=None, help="MiB (default: halfway between uniform int4 and int5)")
+    j.add_argument("--strategy", default="myqasr", choices=["myqasr", "optimal", "uniform"])
+    j.add_argument("--out", default="myqasr-out", help="folder for report.md/.json/.png and the scheme")
+    j.add_argument("--quiet", action="store_true", help="no progress bars")
+    j.set_defaults(func=cmd_personalize)
 
     t = sub.add_parser("transcribe", help="print transcripts of audio files")
     model_arg(t)

@@ -21,6 +21,7 @@ from torch_myqasr.allocation.scheme import (
     SchemeError,
     bit_histogram,
     format_scheme_summary,
+    uniform_size_mb,
     load_scheme,
     save_scheme,
 )
@@ -43,6 +44,7 @@ __all__ = [
     "allocate_optimal",
     "bit_histogram",
     "format_scheme_summary",
+    "uniform_size_mb",
     "load_scheme",
     "model_nbytes",
     "plot_scheme",

@@ -17,7 +17,7 @@ from torch_myqasr.allocation.layers import LayerInfo
 ORDERS = ("low-score-first", "high-score-first")
 """Which end of the score ranking loses bits first (docs/allocation.md discusses both)."""
 
-DEFAULT_ORDER = "low-score-first"
+DEFAULT_ORDER = "high-score-first"
 """Default order: layers with the smallest score (e.g. median |output|) lose bits first, i.e. a
 large score marks a sensitive layer. Provisional until measured on real speech (docs/allocation.md)."""
 

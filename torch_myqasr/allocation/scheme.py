@@ -314,3 +314,18 @@ def format_scheme_summary(scheme: Scheme, width: int = 30) -> str:
         bar = "#" * max(1, round(width * count / most))
         lines.append(f"  {fmt:>5} | {bar:<{width}} | {count:4d} layers {by_fmt[fmt] / MIB:9.3f} MiB")
     return "\n".join(lines)
+
+
+def uniform_size_mb(scheme: Scheme, fmt: str) -> float:
+    """Size in MiB the model of ``scheme`` would take with every allocated layer in ``fmt``.
+
+    Uses the scheme's own layer shapes, group size and fixed bytes, so it is the uniform baseline at
+    exactly the accounting the scheme used (e.g. to place a budget halfway between int3 and int4).
+    """
+    total = scheme.fixed_bytes
+    for name, layer in scheme.layers.items():
+        if layer.out_features is None or layer.in_features is None:
+            raise SchemeError(f"layer {name!r} of the scheme has no shape; re-create the scheme with this version")
+        total += weight_nbytes(fmt, layer.out_features, layer.in_features, scheme.group_size)
+    return total / MIB
+
