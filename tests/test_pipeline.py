@@ -94,9 +94,10 @@ def test_budget_below_the_minimum_names_the_minimum(bundle, calib):
 def test_cli_quantize_then_eval_and_transcribe_the_folder(tmp_path, capsys):
     out = tmp_path / "user"
     code = main(["quantize", "--model", "tiny.en", "--calib", str(corpus_manifest("calib")), "--speaker", "kal",
-                 "--budget", "30MB", "--out", str(out), "--quiet"])
+                 "--budget", "30MB", "--out", str(out), "--quiet", "--artifact"])
     printed = capsys.readouterr().out
     assert code == 0 and "MiB budget" in printed and "int" in printed
+    assert (out / "artifact" / "manifest.json").is_file()
     assert (out / "scheme.json").is_file() and (out / "scheme.png").is_file()
     assert json.loads((out / "scheme.json").read_text())["size_mb"] <= 30.0
     code = main(["eval", "--model", str(out), "--speaker", "kal", "--quiet", "--json", str(tmp_path / "r.json")])
@@ -111,3 +112,26 @@ def test_cli_quantize_bad_budgets(tmp_path, capsys, budget, message):
     code = main(["quantize", "--calib", str(corpus_manifest("calib")), "--speaker", "slt", f"--budget={budget}",
                  "--out", str(tmp_path / "x"), "--quiet"])
     assert code == 2 and message in capsys.readouterr().err
+
+
+def test_artifact_reloads_in_a_fresh_process_with_the_same_first_tokens(bundle, quantized, tmp_path):
+    import subprocess
+    import sys
+
+    from torch_myqasr.pipeline import save_lowered_artifact
+
+    clip = [a for _, a in _clips("test", "librivox", 1)]
+    feats = featurize(bundle, clip)
+    torch.save(feats, tmp_path / "feats.pt")
+    expected = quantized.decoder()(feats, 4, None)
+    folder = save_lowered_artifact(quantized, tmp_path / "out")
+    script = (
+        "import sys, torch, torch_myqasr\n"
+        "from torch_myqasr.artifact import load_artifact\n"
+        "art = load_artifact(sys.argv[1])\n"
+        "opts = art.decoding_options(max_new_tokens=4)\n"
+        "print(art.greedy_decode(torch.load(sys.argv[2]), opts))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script, str(folder), str(tmp_path / "feats.pt")],
+                         capture_output=True, text=True, check=True)
+    assert out.stdout.strip().splitlines()[-1] == str(expected)

@@ -105,7 +105,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from torch_myqasr.allocation import format_scheme_summary, plot_scheme
     from torch_myqasr.audio import load_dataset_audio, open_dataset
     from torch_myqasr.models import load_whisper
-    from torch_myqasr.pipeline import quantize_whisper, save_quantized
+    from torch_myqasr.pipeline import quantize_whisper, save_lowered_artifact, save_quantized
 
     budget = parse_budget(args.budget)
     bits = [int(b) for b in args.bits.split(",") if b.strip()]
@@ -130,6 +130,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     path = save_quantized(qw, args.out)
     plot_scheme(qw.scheme, Path(args.out) / "scheme.png")
     print(format_scheme_summary(qw.scheme))
+    if args.artifact:
+        print(f"wrote the lowered, deployable artifact {save_lowered_artifact(qw, args.out)}")
     print(f"calibrated on {len(clips)} clips ({qw.scheme.calibration['seconds']:.1f} s) of {dataset.name}")
     print(f"wrote {path} and {Path(args.out) / 'scheme.png'}")
     return 0
@@ -177,6 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--language", default=None, help="language of the clips for multilingual models (default en)")
     q.add_argument("--batch-size", type=int, default=8)
     q.add_argument("--out", required=True, help="folder for scheme.json (and the quantized model)")
+    q.add_argument("--artifact", action="store_true", help="also lower to packed myqasr:: ops and write OUT/artifact (docs/artifact.md)")
     q.add_argument("--quiet", action="store_true", help="no progress bars")
     q.set_defaults(func=cmd_quantize)
 

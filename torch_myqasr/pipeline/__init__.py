@@ -9,6 +9,7 @@ from torch_myqasr.pipeline.personalize import (
     is_quantized_dir,
     load_quantized,
     quantize_whisper,
+    save_lowered_artifact,
     save_quantized,
 )
 
@@ -21,5 +22,6 @@ __all__ = [
     "is_quantized_dir",
     "load_quantized",
     "quantize_whisper",
+    "save_lowered_artifact",
     "save_quantized",
 ]

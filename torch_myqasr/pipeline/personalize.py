@@ -190,3 +190,30 @@ def load_quantized(path: str | os.PathLike, *, progress: bool = False) -> Quanti
     if not scheme.model_id:
         raise ValueError(f"{Path(path) / SCHEME_FILE} names no model_id; re-run myqasr quantize")
     return quantize_whisper(load_whisper(scheme.model_id), scheme=scheme, progress=progress)
+
+
+ARTIFACT_DIR = "artifact"
+
+
+def save_lowered_artifact(qw: QuantizedWhisper, out_dir: str | os.PathLike, *, overwrite: bool = True) -> Path:
+    """Lower ``qw``'s converted programs to packed ``myqasr::`` ops and write ``out_dir/artifact``.
+
+    The artifact (docs/artifact.md) loads in a fresh process with only ``import torch_myqasr``
+    (`torch_myqasr.artifact.load_artifact`). The converted modules are copied before lowering, so
+    ``qw`` still decodes afterwards.
+    """
+    import copy
+
+    from torch_myqasr.artifact import save_artifact
+    from torch_myqasr.lowering import lower_quantized
+
+    options = decoding_options(qw.bundle.model, language="en" if qw.bundle.is_multilingual else None)
+    info = {
+        "model_id": qw.bundle.model_id,
+        "max_cache_len": qw.exported.max_cache_len,
+        "decoding": options,
+        "sampling_rate": SAMPLE_RATE,
+    }
+    encoder = lower_quantized(copy.deepcopy(qw.encoder))
+    decoder_step = lower_quantized(copy.deepcopy(qw.decoder_step))
+    return save_artifact(Path(out_dir) / ARTIFACT_DIR, encoder, decoder_step, qw.scheme, info, overwrite=overwrite)
