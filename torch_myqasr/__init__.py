@@ -14,5 +14,17 @@ __version__ = "0.1.0"
 
 # Register the myqasr:: custom ops (packed linears, packed lookup, group-wise dequantize) so that a
 # saved artifact or converted program loads in a process that only imported torch_myqasr.
-from torch_myqasr import ops as _ops  # noqa: E402,F401
-from torch_myqasr.quantizer import dequant_op as _dequant_op  # noqa: E402,F401
+import logging as _logging  # noqa: E402
+
+# torchao's import logs a note about the skipped extensions and torch warns about its own pytree
+# registrations; neither is actionable for our users, so they are silenced for this import only.
+_noisy = [_logging.getLogger(name) for name in ("torchao", "torch.utils._pytree")]
+_levels = [logger.level for logger in _noisy]
+for _logger in _noisy:
+    _logger.setLevel(_logging.ERROR)
+try:
+    from torch_myqasr import ops as _ops  # noqa: E402,F401
+    from torch_myqasr.quantizer import dequant_op as _dequant_op  # noqa: E402,F401
+finally:
+    for _logger, _level in zip(_noisy, _levels):
+        _logger.setLevel(_level)

@@ -204,11 +204,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _quiet_library_chatter() -> None:
     """Keep the terminal for our own progress bars and tables: transformers' deprecation notes about
-    its own Whisper generate and torch's pytree registration warnings are not the user's business."""
+    its own Whisper generate, and torch's pytree notes when transformers imports torchao later, are
+    not the user's business."""
     import logging
 
     logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
-    logging.getLogger("torchao").setLevel(logging.ERROR)
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
