@@ -24,7 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.machine import describe_machine, machine_line, machine_slug  # noqa: E402
-from torch_myqasr.allocation import uniform_size_mb  # noqa: E402
+from torch_myqasr.allocation import bit_histogram, uniform_size_mb  # noqa: E402
 from torch_myqasr.atomic import atomic_open, atomic_write_text  # noqa: E402
 from torch_myqasr.audio import load_dataset_audio, open_dataset  # noqa: E402
 from torch_myqasr.corpus import corpus_manifest  # noqa: E402
@@ -71,14 +71,11 @@ def run_one(bundle, calib, test_data, budget: float, method: str, group_size: in
         )
     t_quant = time.perf_counter() - t0
     res = evaluate(bundle, test_data, decode=qw.decoder(), progress=False)
-    hist: dict[str, int] = {}
-    for l in qw.scheme.layers.values():
-        hist[l.format] = hist.get(l.format, 0) + 1
     return {
         "method": method,
         "budget_mib": budget,
         "size_mib": qw.scheme.size_mb,
-        "formats": hist,
+        "formats": bit_histogram(qw.scheme),
         "wer": wer_report_dict(res.wer, model=f"{bundle.model_id}/{method}@{budget}"),
         "quantize_seconds": t_quant,
         "_scheme": qw.scheme,

@@ -85,10 +85,9 @@ def run_job(
 
 
 def _formats(scheme) -> str:
-    counts: dict[str, int] = {}
-    for l in scheme.layers.values():
-        counts[l.format] = counts.get(l.format, 0) + 1
-    return "+".join(f for f in sorted(counts, key=lambda f: -counts[f]))
+    from torch_myqasr.allocation import bit_histogram
+
+    return "+".join(bit_histogram(scheme))
 
 
 def _wer_dict(agg: dict) -> dict:
