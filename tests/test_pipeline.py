@@ -135,3 +135,15 @@ def test_artifact_reloads_in_a_fresh_process_with_the_same_first_tokens(bundle, 
     out = subprocess.run([sys.executable, "-c", script, str(folder), str(tmp_path / "feats.pt")],
                          capture_output=True, text=True, check=True)
     assert out.stdout.strip().splitlines()[-1] == str(expected)
+
+
+def test_main_job_reports_fp32_uniform_and_personalised(tmp_path, capsys):
+    code = main(["personalize", "--test-speakers", "librivox", "--budget", "24MB", "--out", str(tmp_path / "job"), "--quiet"])
+    printed = capsys.readouterr().out
+    assert code == 0
+    report = json.loads((tmp_path / "job" / "report.json").read_text())
+    assert [r["name"].split()[0] for r in report["rows"]] == ["fp32", "uniform", "personalised"]
+    assert all(r["size_mib"] <= 24.0 for r in report["rows"][1:])
+    assert report["rows"][0]["wer"]["by_speaker"]["librivox"]["n_utts"] == 3
+    assert (tmp_path / "job" / "report.png").is_file() and (tmp_path / "job" / "personalised" / "scheme.json").is_file()
+    assert "| personalised" in printed
