@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 import warnings
@@ -24,14 +23,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.machine import describe_machine, machine_line, machine_slug  # noqa: E402
-from torch_myqasr.allocation import bit_histogram, uniform_size_mb  # noqa: E402
+from torch_myqasr.allocation import bit_histogram, budget_for_bits, uniform_size_mb  # noqa: E402
 from torch_myqasr.atomic import atomic_open, atomic_write_text  # noqa: E402
 from torch_myqasr.audio import load_dataset_audio, open_dataset  # noqa: E402
 from torch_myqasr.corpus import corpus_manifest  # noqa: E402
 from torch_myqasr.evaluation.transcribe import evaluate  # noqa: E402
 from torch_myqasr.evaluation.wer import wer_report_dict  # noqa: E402
 from torch_myqasr.models import load_whisper  # noqa: E402
-from torch_myqasr.pipeline import quantize_whisper  # noqa: E402
+from torch_myqasr.pipeline import layer_inventory, quantize_whisper  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 UNIFORM_BITS = (8, 6, 5, 4, 3, 2)
@@ -47,15 +46,6 @@ METHODS = {
 def uniform_sizes_mib(scheme) -> dict[int, float]:
     """Whole-model size in MiB with every allocated layer at intB, for each B in UNIFORM_BITS."""
     return {b: uniform_size_mb(scheme, f"int{b}") for b in UNIFORM_BITS}
-
-
-def budget_for_bits(sizes: dict[int, float], bits: float) -> float:
-    """MiB budget at ``bits`` average bits: linear between the neighbouring uniform sizes, rounded down."""
-    lo, hi = math.floor(bits), math.ceil(bits)
-    if lo == hi:
-        return sizes[lo]
-    frac = (bits - lo) / (hi - lo)
-    return math.floor((sizes[lo] + frac * (sizes[hi] - sizes[lo])) * 1000) / 1000
 
 
 def clips_of(split: str, speaker: str):
@@ -86,15 +76,15 @@ def sweep(args) -> dict:
     bundle = load_whisper(args.model)
     calib = clips_of("calib", args.calib_speaker)
     test = open_dataset(corpus_manifest("test")).filter(speakers=args.test_speakers)
-    probe = quantize_whisper(bundle, calib[:1], budget_mb=1e9, strategy="uniform", group_size=args.group_size, progress=False)
-    sizes = uniform_sizes_mib(probe.scheme)
+    inventory = layer_inventory(bundle, calib[0], group_size=args.group_size)
+    sizes = uniform_sizes_mib(inventory)
     out = {"machine": describe_machine(), "model": args.model, "calib_speaker": args.calib_speaker,
            "test_speakers": args.test_speakers, "group_size": args.group_size, "uniform_mib": sizes,
-           "fp32_mib": probe.scheme.size_mb, "runs": []}
+           "fp32_mib": inventory.size_mb, "runs": []}
     fp = evaluate(bundle, test, progress=False)
     out["fp32_wer"] = wer_report_dict(fp.wer, model=args.model)
     for bits in args.bits_per_weight:
-        budget = budget_for_bits(sizes, bits)
+        budget = budget_for_bits(inventory, bits)
         for method in args.methods:
             if method == "uniform" and bits != int(bits) and not args.uniform_between:
                 continue  # uniform at a between-size budget is just the lower uniform size
@@ -160,9 +150,8 @@ def matrix(args) -> dict:
     """Schemes calibrated on each speaker in ``--calib-speakers``, each evaluated on every test speaker."""
     bundle = load_whisper(args.model)
     test = open_dataset(corpus_manifest("test")).filter(speakers=args.test_speakers)
-    probe = quantize_whisper(bundle, clips_of("calib", args.calib_speakers[0])[:1], budget_mb=1e9, strategy="uniform",
-                             group_size=args.group_size, progress=False)
-    budget = budget_for_bits(uniform_sizes_mib(probe.scheme), args.bits_per_weight[0])
+    inventory = layer_inventory(bundle, clips_of("calib", args.calib_speakers[0])[0], group_size=args.group_size)
+    budget = budget_for_bits(inventory, args.bits_per_weight[0])
     out = {"machine": describe_machine(), "model": args.model, "budget_mib": budget,
            "bits_per_weight": args.bits_per_weight[0], "method": args.methods[0], "rows": {}}
     for spk in args.calib_speakers:

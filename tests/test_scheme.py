@@ -172,3 +172,16 @@ def test_plot_writes_a_png(tmp_path):
     data = path.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 2000
     assert sorted(p.name for p in path.parent.iterdir()) == ["bits.png"]
+
+
+def test_uniform_sizes_and_budget_for_bits_interpolate_between_them():
+    from torch_myqasr.allocation import budget_for_bits, uniform_size_mb
+    from torch_myqasr.formats import MIB, weight_nbytes
+
+    s = _scheme()
+    int4 = (s.fixed_bytes + sum(weight_nbytes("int4", l.out_features, l.in_features, 64) for l in s.layers.values())) / MIB
+    assert uniform_size_mb(s, "int4") == int4
+    assert budget_for_bits(s, 4) == int4
+    lo, hi = uniform_size_mb(s, "int3"), uniform_size_mb(s, "int4")
+    halfway = budget_for_bits(s, 3.5)
+    assert lo < halfway <= (lo + hi) / 2 and (lo + hi) / 2 - halfway < 0.001

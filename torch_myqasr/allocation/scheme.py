@@ -329,3 +329,17 @@ def uniform_size_mb(scheme: Scheme, fmt: str) -> float:
         total += weight_nbytes(fmt, layer.out_features, layer.in_features, scheme.group_size)
     return total / MIB
 
+
+def budget_for_bits(scheme: Scheme, bits_per_weight: float) -> float:
+    """Budget in MiB at ``bits_per_weight`` average integer bits: linear between the uniform sizes.
+
+    E.g. 3.5 is halfway between the uniform int3 and int4 sizes of the model ``scheme`` describes
+    (same group size, everything counted); rounded down to 0.001 MiB so it never exceeds that point.
+    """
+    lo, hi = math.floor(bits_per_weight), math.ceil(bits_per_weight)
+    size_lo = uniform_size_mb(scheme, f"int{lo}")
+    if lo == hi:
+        return size_lo
+    size_hi = uniform_size_mb(scheme, f"int{hi}")
+    return math.floor((size_lo + (bits_per_weight - lo) * (size_hi - size_lo)) * 1000) / 1000
+

@@ -8,7 +8,6 @@ personalised model, with their sizes, as a table and a plot.
 from __future__ import annotations
 
 import json
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -46,26 +45,20 @@ def run_job(
     ``budget_mb`` (MiB) defaults to `DEFAULT_JOB_BITS_PER_WEIGHT` bits per weight. Returns the rows
     (full precision, uniform, personalised) in that order.
     """
-    from torch_myqasr.allocation import uniform_size_mb
+    from torch_myqasr.allocation import budget_for_bits
     from torch_myqasr.audio import load_dataset_audio, open_dataset
     from torch_myqasr.corpus import corpus_manifest
     from torch_myqasr.evaluation.transcribe import evaluate
     from torch_myqasr.models import load_whisper
-    from torch_myqasr.pipeline.personalize import quantize_whisper, save_quantized
+    from torch_myqasr.pipeline.personalize import layer_inventory, quantize_whisper, save_quantized
 
     out = Path(out_dir)
     bundle = load_whisper(model)
     calib = [a for _, a in load_dataset_audio(open_dataset(corpus_manifest("calib")).filter(speakers=[speaker]))]
     test = open_dataset(corpus_manifest("test")).filter(speakers=list(test_speakers))
     if budget_mb is None:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # the probe is deliberately above fp32: "nothing to quantize"
-            probe = quantize_whisper(bundle, calib[:1], budget_mb=1e9, strategy="uniform", progress=False)
-        lo, hi = uniform_size_mb(probe.scheme, "int4"), uniform_size_mb(probe.scheme, "int5")
-        budget_mb = round(lo + (DEFAULT_JOB_BITS_PER_WEIGHT - 4) * (hi - lo), 3)
-        fp32_mib = probe.scheme.size_mb
-    else:
-        fp32_mib = sum(p.numel() * 4 for p in bundle.model.parameters()) / MIB
+        budget_mb = budget_for_bits(layer_inventory(bundle, calib[0]), DEFAULT_JOB_BITS_PER_WEIGHT)
+    fp32_mib = sum(p.numel() * 4 for p in bundle.model.parameters()) / MIB  # tied weights counted once
 
     rows = [JobRow("fp32", fp32_mib, evaluate(bundle, test, progress=progress).wer)]
     uniform = quantize_whisper(bundle, calib, budget_mb=budget_mb, strategy="uniform", progress=progress)

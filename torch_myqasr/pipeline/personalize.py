@@ -160,6 +160,21 @@ def quantize_whisper(
     return QuantizedWhisper(bundle, exported, encoder, decoder_step, q.scheme)
 
 
+def layer_inventory(bundle, clip: np.ndarray, *, group_size: int = 64) -> Scheme:
+    """A scheme that lists every layer the quantizer would allocate (shapes, fixed bytes), all in fp32.
+
+    It is the budget accounting of `quantize_whisper` for ``bundle.model`` without choosing any bits:
+    feed it to `torch_myqasr.allocation.uniform_size_mb` / `budget_for_bits` to place budgets. One
+    clip is decoded because the quantizer only learns the layers by calibrating.
+    """
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # deliberately above fp32: "nothing needs quantizing"
+        probe = quantize_whisper(bundle, [clip], budget_mb=1e9, strategy="uniform", group_size=group_size, progress=False)
+    return probe.scheme
+
+
 SCHEME_FILE = "scheme.json"
 
 
