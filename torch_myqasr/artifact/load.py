@@ -103,9 +103,10 @@ def load_artifact(
 
     Args:
         path: the artifact folder.
-        compute_dtype: None (default): the saved numerics (equal to the quantize step's). ``torch.bfloat16``:
-            run the packed matmuls on aten's int4 CPU kernel (`torch_myqasr.lowering.use_cpu_kernels`;
-            faster on CPU, bfloat16 rounding, extra memory for the kernel's weight layout).
+        compute_dtype: None (default): the saved numerics (equal to the converted model's; slow on CPU,
+            every call dequantizes). ``torch.bfloat16``: the CPU deployment: weights move to aten's int4
+            CPU layout and the matmuls run in bfloat16 (`torch_myqasr.lowering.use_cpu_kernels`; faster
+            than the float32 model, bfloat16 rounding, int4 / int8 weights in the same memory).
         strict_versions: a torch_myqasr or torch (major.minor) version different from the writer's is an
             error; False turns it into a warning.
     Returns:

@@ -57,8 +57,8 @@ def _graph_module(module: torch.nn.Module, name: str) -> fx.GraphModule:
             )
     if gm.meta.get("myqasr_compute_dtype") is not None:
         raise ArtifactError(
-            f"{name} has CPU kernel caches attached (use_cpu_kernels / compute_dtype=...); save the module lowered "
-            "without compute_dtype and pass compute_dtype to load_artifact instead (caches are rebuilt at load)"
+            f"{name} holds its weights in the CPU-resident layout (use_cpu_kernels / compute_dtype=...); save the "
+            "module lowered without compute_dtype and pass compute_dtype to load_artifact instead (the layout is rebuilt at load)"
         )
     return gm
 

@@ -2,7 +2,7 @@
 
     from torch_myqasr.lowering import lower_quantized, quantized_weight_bytes
     lowered = lower_quantized(convert_pt2e(prepared))            # same outputs, packed weights
-    fast = lower_quantized(convert_pt2e(p2), compute_dtype=torch.bfloat16)  # opt-in CPU fast path
+    fast = lower_quantized(convert_pt2e(p2), compute_dtype=torch.bfloat16)  # CPU deployment layout
     compiled = torch.compile(lowered)
 
 Importing this package registers every op a lowered graph calls.
@@ -16,14 +16,13 @@ from torch_myqasr.lowering.passes import (  # noqa: I001
     lower_quantized,
 )
 from torch_myqasr.lowering.cpu_kernels import use_cpu_kernels
-from torch_myqasr.lowering.size import kernel_cache_bytes, module_bytes, quantized_weight_bytes
+from torch_myqasr.lowering.size import module_bytes, quantized_weight_bytes
 
 __all__ = [
     "EMBEDDING_OP",
     "LINEAR_OPS",
     "LoweredLayer",
     "LoweringError",
-    "kernel_cache_bytes",
     "lower_quantized",
     "module_bytes",
     "quantized_weight_bytes",

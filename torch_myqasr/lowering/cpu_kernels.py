@@ -1,116 +1,75 @@
-"""`use_cpu_kernels`: opt-in fast CPU numerics for a lowered module (activations in bfloat16).
+"""`use_cpu_kernels`: deploy a lowered module on CPU, weights in aten's int4 layout, matmuls in bfloat16.
 
-Why opt-in: the exported Whisper programs run float32 activations, and with float32 activations
-the ``myqasr::linear_*`` CPU path dequantizes the whole weight on every call (aten's int4 kernel is
-10-30x slower than a float32 ``F.linear`` there; docs/formats.md). aten's
-``_weight_int4pack_mm_for_cpu`` is fast with **bfloat16** activations, so this pass
+Why: the exported Whisper programs run float32 activations, and with float32 activations the
+portable ``myqasr::linear_*`` ops dequantize the whole weight on every call (exact, but slower than
+the float32 model). aten's ``_weight_int4pack_mm_for_cpu`` is fast with **bfloat16** activations
+(5x a float32 ``F.linear`` on Whisper's 51865 x 384 output projection at one token, measured in
+benchmarks/results/kernels_cpu2.md). This pass
 
-* casts the activation to ``compute_dtype`` before every packed linear op and the result back to
-  the graph's dtype after it (the rest of the graph - attention, norms, softmax - stays float32);
-* builds the int4 weight-pack operands once per weight (`QuantizedWeight.prepare_cpu`) and stores
-  them as buffers ``<prefix>_cpu_packed`` / ``<prefix>_cpu_scales_zeros`` that the op reads, so a
-  compiled graph sees them as plain inputs.
+* converts every eligible packed weight (intB / int1, group size a multiple of 32) once into the
+  kernel's own layout (`cpu.build_int4pack`: N padded to 16 rows, scales and zeros in
+  ``compute_dtype``) and registers it as buffers ``<prefix>_cpu_packed`` / ``<prefix>_cpu_scales_zeros``;
+* rewrites the linear ops to ``myqasr::linear_int4pack`` and the token lookups to
+  ``myqasr::embedding_int4pack`` on those buffers (a tied embedding / output projection stays one copy);
+* **deletes** the portable bit planes those ops read, so the weights are held once.
 
-Costs, stated: rounding changes (activations and the kernel's per-group zero in bfloat16: outputs
-differ from the converted model by about bfloat16 precision, and greedy transcripts can differ);
-memory grows by ``N * K_pad / 2`` bytes per eligible weight plus its float32 scales-and-zeros (the
-packed codes stay too, they are the portable copy), reported by `kernel_cache_bytes`. Artifacts
-never store these buffers: `torch_myqasr.artifact.load_artifact` re-attaches them on request.
+Memory (`resident_weight_bytes`): an int4 or int8 weight costs exactly its portable bytes (bfloat16
+scale and zero per group where the portable format has float16 ones; int5-8 use two nibble planes
+whose high plane's scale is derived); int1-int3 weights are stored in 4-bit nibbles and int5-int7 in
+8 bits, so a scheme of those formats takes more memory on CPU than its size says. N rounds up to a
+multiple of 16 (Whisper's 51865-token vocabulary: 7 rows). nf4 weights and group sizes the kernel
+does not take stay on the portable ops.
+
+Numerics: the activations of the packed matmuls are rounded to bfloat16 (attention, norms, softmax
+and the residual stream stay float32): outputs differ from the converted model by about bfloat16
+precision and greedy transcripts can differ. Artifacts always store the portable layout;
+`torch_myqasr.artifact.load_artifact(..., compute_dtype=torch.bfloat16)` applies this pass at load.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+import warnings
 
 import torch
 from torch import fx
 
-from torch_myqasr.lowering.passes import LINEAR_OPS, _get_attr, _unique_name
+from torch_myqasr.lowering.passes import EMBEDDING_OP, _arg, _del_attr, _get_attr, _unique_name
 from torch_myqasr.ops import QuantizedWeight, cpu
+from torch_myqasr.ops import int4pack as _int4pack  # noqa: F401  (registers the ops below)
 
-aten = torch.ops.aten
+RESIDENT_SUFFIXES = ("_cpu_packed", "_cpu_scales_zeros")
+"""Suffixes of the CPU-resident weight buffers this pass registers."""
 
-CACHE_SUFFIXES = ("_cpu_packed", "_cpu_scales_zeros")
-"""Suffixes of the kernel-cache buffers this pass registers."""
+LINEAR_INT4PACK = torch.ops.myqasr.linear_int4pack.default
+EMBEDDING_INT4PACK = torch.ops.myqasr.embedding_int4pack.default
 
 _ALLOWED = (torch.bfloat16, torch.float16)
+_AFFINE = torch.ops.myqasr.linear_affine.default
+_BINARY = torch.ops.myqasr.linear_binary.default
 
 
-def _weight_of(gm: fx.GraphModule, node: fx.Node) -> Optional[QuantizedWeight]:
-    """The `QuantizedWeight` a linear_affine / linear_binary node reads (None for nf4)."""
+def _portable_weight(gm: fx.GraphModule, node: fx.Node) -> tuple[QuantizedWeight, int, fx.Node | None] | None:
+    """(weight, group size, bias node) of a portable linear / lookup node; None for other nodes and nf4."""
+    t = lambda x: None if x is None else _get_attr(gm, x.target)  # noqa: E731
     a = node.args
-    if node.target == torch.ops.myqasr.linear_affine.default:
-        packed, scale, zero, bits, group, n, k = a[1], a[2], a[3], a[4], a[5], a[6], a[7]
-        fmt = f"int{bits}"
-    elif node.target == torch.ops.myqasr.linear_binary.default:
-        packed, scale, group, n, k = a[1], a[2], a[3], a[4], a[5]
-        zero, fmt = None, "int1"
+    if node.target == _AFFINE:
+        packed, scale, zero, fmt, group, n, k, bias = a[1], a[2], a[3], f"int{a[4]}", a[5], a[6], a[7], _arg(node, 8, "bias", None)
+    elif node.target == _BINARY:
+        packed, scale, zero, fmt, group, n, k, bias = a[1], a[2], None, "int1", a[3], a[4], a[5], _arg(node, 6, "bias", None)
+    elif node.target == EMBEDDING_OP and a[4] != "nf4":
+        packed, scale, zero, fmt, group, n, k, bias = a[1], a[2], a[3], a[4], a[5], a[6], a[7], None
     else:
         return None
-    t = lambda x: None if x is None else _get_attr(gm, x.target)  # noqa: E731
-    return QuantizedWeight(fmt=fmt, group_size=group, shape=(n, k), packed=t(packed), scale_t=t(scale), zero_t=t(zero))
-
-
-_N_ALIGN = 16  # aten's int4 weight-pack kernel takes N % 16 == 0
-
-
-def _sliced(qw: QuantizedWeight, start: int, stop: int) -> QuantizedWeight:
-    """Output rows ``start:stop`` of ``qw`` (copies of the column slices of its tensors)."""
-    cut = lambda t: None if t is None else t[:, start:stop]  # noqa: E731
-    return QuantizedWeight(fmt=qw.fmt, group_size=qw.group_size, shape=(stop - start, qw.shape[1]),
-                           packed=cut(qw.packed), scale_t=cut(qw.scale_t), zero_t=cut(qw.zero_t))
-
-
-def _register_cache(gm: fx.GraphModule, before: fx.Node, key: str, qw: QuantizedWeight):
-    """Build aten's int4 operands for ``qw``, register them as buffers, return their get_attr nodes (or None)."""
-    if not qw.prepare_cpu():
-        return None
-    base = key[: -len("_packed")] if key.endswith("_packed") else key
-    names = [_unique_name(gm, base + s) for s in CACHE_SUFFIXES]
-    gm.register_buffer(names[0], qw._cpu_packed)
-    gm.register_buffer(names[1], qw._cpu_scales_zeros)
-    with gm.graph.inserting_before(before):
-        return gm.graph.get_attr(names[0]), gm.graph.get_attr(names[1])
-
-
-def _split_ragged(gm: fx.GraphModule, node: fx.Node, args: list, qw: QuantizedWeight, n_main: int, caches: dict) -> None:
-    """Replace ``node`` (its activation already cast in ``args[0]``) by kernel(rows :n_main) ++ fallback(rows n_main:)."""
-    graph = gm.graph
-    affine = node.target == torch.ops.myqasr.linear_affine.default
-    n, k = qw.shape
-    tensor_pos = (1, 2, 3) if affine else (1, 2)
-    bias_pos = 8 if affine else 6
-    key = node.args[1].target + ":main"
-    if key not in caches:
-        caches[key] = _register_cache(gm, node, node.args[1].target.replace("_packed", "_main_packed"), _sliced(qw, 0, n_main))
-    parts = []
-    with graph.inserting_before(node):
-        for start, stop, cache in ((0, n_main, caches[key]), (n_main, n, None)):
-            part = list(args) + [None] * (len(node.target._schema.arguments) - len(args))
-            for i in tensor_pos:  # column slices of [rows, N] tensors are views: no copy of the weight
-                part[i] = graph.call_function(aten.slice.Tensor, (node.args[i], 1, start, stop))
-            if part[bias_pos] is not None:
-                part[bias_pos] = graph.call_function(aten.slice.Tensor, (part[bias_pos], 0, start, stop))
-            part[6 if affine else 4] = stop - start  # n
-            if cache is not None:
-                part[-2], part[-1] = cache
-            parts.append(graph.call_function(node.target, tuple(part)))
-        joined = graph.call_function(aten.cat.default, (parts, -1))
-    node.replace_all_uses_with(joined)
-    graph.erase_node(node)
-    val = node.meta.get("val")
-    out_dtype = val.dtype if isinstance(val, torch.Tensor) else torch.float32
-    with graph.inserting_after(joined):
-        back = graph.call_function(aten.to.dtype, (joined, out_dtype))
-    joined.replace_all_uses_with(back, delete_user_cb=lambda u: u is not back)
+    qw = QuantizedWeight(fmt=fmt, group_size=group, shape=(n, k), packed=t(packed), scale_t=t(scale), zero_t=t(zero))
+    return qw, group, bias
 
 
 def use_cpu_kernels(gm: fx.GraphModule, *, compute_dtype: torch.dtype = torch.bfloat16) -> fx.GraphModule:
-    """Run every packed linear op of a lowered ``gm`` in ``compute_dtype`` on aten's int4 CPU kernel, in place.
+    """Hold ``gm``'s packed weights in aten's int4 CPU layout and run its matmuls in ``compute_dtype``, in place.
 
     Args:
-        gm: a module from `lower_quantized` (or a loaded artifact's module); weights on CPU.
-        compute_dtype: ``torch.bfloat16`` (default) or ``torch.float16``: the matmul activation dtype.
+        gm: a module from `lower_quantized` (or a loaded artifact's module), weights on CPU.
+        compute_dtype: ``torch.bfloat16`` (default) or ``torch.float16``: the matmuls' activation dtype.
     Returns:
         ``gm``, recompiled; ``gm.meta["myqasr_compute_dtype"]`` records the choice. Calling it twice
         with the same dtype is a no-op; with another dtype it is an error.
@@ -123,46 +82,51 @@ def use_cpu_kernels(gm: fx.GraphModule, *, compute_dtype: torch.dtype = torch.bf
             raise ValueError(f"this module already computes in {done}; lower it again to use {compute_dtype}")
         return gm
     graph = gm.graph
-    caches: dict[str, tuple[fx.Node, fx.Node] | None] = {}
+    resident: dict[str, list[str] | None] = {}  # portable packed buffer -> resident buffer names
+    portable_targets: set[str] = set()
+    layout_ok = cpu.check_int4pack_layout()
     for node in list(graph.nodes):
-        if node.op != "call_function" or node.target not in LINEAR_OPS:
+        if node.op != "call_function":
             continue
-        val = node.meta.get("val")
-        out_dtype = val.dtype if isinstance(val, torch.Tensor) else torch.float32
+        found = _portable_weight(gm, node)
+        if found is None:
+            continue
+        qw, group, bias = found
+        if qw.device.type != "cpu" or not cpu.int4pack_eligible(qw):
+            continue
+        if node.target == EMBEDDING_OP and not layout_ok:
+            warnings.warn(
+                f"{node.name}: this torch's int4 CPU weight layout is not the one the packed lookup reads; "
+                "the lookup keeps the portable table (the weight is held twice)", stacklevel=2,
+            )
+            continue
+        key = node.args[1].target
+        if key not in resident:
+            packed, scales_zeros = cpu.build_int4pack(qw, compute_dtype)
+            base = key[: -len("_packed")] if key.endswith("_packed") else key
+            names = [_unique_name(gm, base + s) for s in RESIDENT_SUFFIXES]
+            gm.register_buffer(names[0], packed)
+            gm.register_buffer(names[1], scales_zeros)
+            resident[key] = names
+        portable_targets.update(a.target for a in node.args[1:4] if isinstance(a, fx.Node) and a.op == "get_attr")
+        n, k = qw.shape
         with graph.inserting_before(node):
-            x = graph.call_function(aten.to.dtype, (node.args[0], compute_dtype))
-        args = list(node.args)
-        args[0] = x
-        qw = _weight_of(gm, node)
-        n = qw.shape[0] if qw is not None else 0
-        n_main = n - n % _N_ALIGN
-        if qw is not None and qw.device.type == "cpu" and n % _N_ALIGN and n_main and cpu.int4pack_eligible(
-            _sliced(qw, 0, n_main)
-        ):
-            # aten's kernel needs N % 16 == 0 (Whisper's vocabulary, 51865, is not): run the first
-            # n_main outputs on it, through views of the packed buffers, and the last few rows on the
-            # exact fallback (a [n % 16, K] dequantize per call), then concatenate.
-            _split_ragged(gm, node, args, qw, n_main, caches)
-            continue
-        if qw is not None and qw.device.type == "cpu":
-            key = node.args[1].target
-            if key not in caches:
-                caches[key] = _register_cache(gm, node, key, qw)
-            if caches[key] is not None:
-                # the cache operands are the schema's last two (optional) arguments
-                n_args = len(node.target._schema.arguments)
-                args += [None] * (n_args - len(args))
-                args[-2], args[-1] = caches[key]
-        node.args = tuple(args)
-        with graph.inserting_after(node):
-            back = graph.call_function(aten.to.dtype, (node, out_dtype))
-        node.replace_all_uses_with(back, delete_user_cb=lambda u: u is not back)
-        if val is not None:
-            back.meta["val"] = val
+            packed_n, sz_n = (graph.get_attr(name) for name in resident[key])
+            if node.target == EMBEDDING_OP:
+                new = graph.call_function(EMBEDDING_INT4PACK, (node.args[0], packed_n, sz_n, group, n, k, node.args[8]))
+            else:
+                new = graph.call_function(LINEAR_INT4PACK, (node.args[0], packed_n, sz_n, group, n, k, bias))
+        new.meta.update({key_: node.meta[key_] for key_ in ("val", "nn_module_stack") if key_ in node.meta})
+        node.replace_all_uses_with(new)
+        graph.erase_node(node)
+    graph.eliminate_dead_code()
+    still_read = {n.target for n in graph.nodes if n.op == "get_attr"}
+    for target in sorted(portable_targets - still_read):
+        _del_attr(gm, target)  # the portable bit planes leave: the weight is held once
     graph.lint()
     gm.recompile()
     gm.meta["myqasr_compute_dtype"] = compute_dtype
     return gm
 
 
-__all__ = ["CACHE_SUFFIXES", "use_cpu_kernels"]
+__all__ = ["EMBEDDING_INT4PACK", "LINEAR_INT4PACK", "RESIDENT_SUFFIXES", "use_cpu_kernels"]

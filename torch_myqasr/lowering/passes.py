@@ -25,7 +25,7 @@ After::
   annotates them).
 * Numerics are unchanged by default: on CPU with float32 activations the op dequantizes exactly
   as ``dequantize_groupwise`` did and calls ``F.linear``, so outputs equal the q/dq graph's.
-  ``compute_dtype=torch.bfloat16`` is an explicit opt-in (see `use_cpu_kernels`).
+  ``compute_dtype=torch.bfloat16`` switches to the CPU deployment layout (see `use_cpu_kernels`).
 """
 
 from __future__ import annotations
@@ -159,10 +159,10 @@ def lower_quantized(
         gm: a ``convert_pt2e`` result (or any GraphModule with ``dequantize_groupwise`` nodes
             whose codes / scale / zero are ``get_attr`` buffers). Nodes not fed by a dequantize
             are left alone.
-        compute_dtype: None (default): the ops compute in the activations' dtype, so outputs
-            equal the converted model's. ``torch.bfloat16`` / ``torch.float16``: also call
-            `use_cpu_kernels` (casts activations around every packed linear op and attaches aten's
-            int4 CPU kernel operands): faster on CPU, different rounding, more memory (see there).
+        compute_dtype: None (default): the ops compute in the activations' dtype on the portable
+            packed weights, so outputs equal the converted model's. ``torch.bfloat16`` /
+            ``torch.float16``: then call `use_cpu_kernels` (weights move to aten's int4 CPU layout,
+            matmuls run in that dtype): the fast CPU deployment, with different rounding.
     Returns:
         ``gm`` itself, recompiled. ``gm.meta["myqasr_layers"]`` lists the `LoweredLayer` s.
     Raises:

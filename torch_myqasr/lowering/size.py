@@ -1,10 +1,11 @@
-"""Bytes a lowered module holds: packed quantized weights, kernel caches, everything else."""
+"""Bytes a lowered module holds: its low-bit weights (portable or CPU-resident layout), everything else."""
 
 from __future__ import annotations
 
 import torch
 from torch import fx
 
+from torch_myqasr.lowering.cpu_kernels import EMBEDDING_INT4PACK, LINEAR_INT4PACK
 from torch_myqasr.lowering.passes import EMBEDDING_OP
 
 # Positions of the packed weight's tensor arguments in each op's schema (not x / bias / caches).
@@ -13,8 +14,9 @@ _WEIGHT_ARGS = {
     torch.ops.myqasr.linear_binary.default: (1, 2),
     torch.ops.myqasr.linear_nf4.default: (1, 2, 7, 8),
     EMBEDDING_OP: (1, 2, 3),
+    LINEAR_INT4PACK: (1, 2),
+    EMBEDDING_INT4PACK: (1, 2),
 }
-_CACHE_ARGS = {torch.ops.myqasr.linear_affine.default: (9, 10), torch.ops.myqasr.linear_binary.default: (7, 8)}
 
 
 def _graph_module(module: torch.nn.Module) -> fx.GraphModule:
@@ -32,8 +34,6 @@ def _attr_bytes(module: torch.nn.Module, positions: dict) -> int:
             continue
         for i in positions[node.target]:
             arg = node.args[i] if i < len(node.args) else None
-            while isinstance(arg, fx.Node) and arg.op == "call_function" and arg.target == torch.ops.aten.slice.Tensor:
-                arg = arg.args[0]  # use_cpu_kernels' split of a ragged N reads views of the buffers
             if isinstance(arg, fx.Node) and arg.op == "get_attr" and arg.target not in seen:
                 t = gm
                 for part in arg.target.split("."):
@@ -43,22 +43,19 @@ def _attr_bytes(module: torch.nn.Module, positions: dict) -> int:
 
 
 def quantized_weight_bytes(module: torch.nn.Module) -> int:
-    """Bytes of the packed low-bit weights a lowered module holds (codes + scales + zero points).
+    """Bytes of the low-bit weights a lowered module holds (codes + scales + zero points), in memory now.
 
-    Counts each buffer read by a ``myqasr::linear_*`` / ``embedding_packed`` op once (a tied weight
-    once). Equals the sum of the scheme's quantized layers' ``nbytes`` (`torch_myqasr.formats.weight_nbytes`)
-    for the layers in this module. Kernel caches are not included (`kernel_cache_bytes`).
+    Counts each buffer read by a ``myqasr::`` linear / lookup op once (a tied weight once). In the
+    portable layout (`lower_quantized`) it equals the sum of the scheme's quantized layers' ``nbytes``
+    (`torch_myqasr.formats.weight_nbytes`) for the layers in this module. In the CPU-resident layout
+    (`use_cpu_kernels`) int4 / int8 weights cost the same plus N's padding to 16 rows, and int1-3 /
+    int5-7 weights more (docs/lowering.md).
     """
     return _attr_bytes(module, _WEIGHT_ARGS)
 
 
-def kernel_cache_bytes(module: torch.nn.Module) -> int:
-    """Bytes of the aten int4 CPU kernel operands `use_cpu_kernels` attached (0 when not used)."""
-    return _attr_bytes(module, _CACHE_ARGS)
-
-
 def module_bytes(module: torch.nn.Module) -> int:
-    """Bytes of every parameter and buffer of ``module`` (each storage once), kernel caches included."""
+    """Bytes of every parameter and buffer of ``module`` (each storage once)."""
     gm = getattr(module, "_orig_mod", module)
     seen: dict[tuple, int] = {}
     for t in list(gm.parameters()) + list(gm.buffers()):
@@ -66,4 +63,4 @@ def module_bytes(module: torch.nn.Module) -> int:
     return sum(seen.values())
 
 
-__all__ = ["kernel_cache_bytes", "module_bytes", "quantized_weight_bytes"]
+__all__ = ["module_bytes", "quantized_weight_bytes"]

@@ -5,7 +5,8 @@
     y = quantized_linear(x, qw, bias)   # == F.linear(x, qw.dequantize(x.dtype), bias)
 
 Importing this package registers ``torch.ops.myqasr.linear_affine`` / ``linear_binary`` /
-``linear_nf4`` (see `torch_myqasr.ops.library`) and ``embedding_packed`` (`torch_myqasr.ops.embedding`). Triton is imported only when a CUDA tensor
+``linear_nf4`` (see `torch_myqasr.ops.library`), ``embedding_packed`` (`torch_myqasr.ops.embedding`) and
+the CPU-resident ``linear_int4pack`` / ``embedding_int4pack`` (`torch_myqasr.ops.int4pack`). Triton is imported only when a CUDA tensor
 reaches an op.
 """
 
@@ -13,5 +14,6 @@ from torch_myqasr.ops.qweight import SUPPORTED_FORMATS, QuantizedWeight, quantiz
 from torch_myqasr.ops import library  # noqa: F401  (registers the ops)
 from torch_myqasr.ops.linear import quantized_linear
 from torch_myqasr.ops.embedding import quantized_embedding  # registers myqasr::embedding_packed
+from torch_myqasr.ops import int4pack  # noqa: F401  (registers myqasr::linear_int4pack / embedding_int4pack)
 
 __all__ = ["QuantizedWeight", "quantize_weight", "quantized_linear", "quantized_embedding", "SUPPORTED_FORMATS", "library"]

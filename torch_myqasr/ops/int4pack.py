@@ -1,0 +1,85 @@
+"""``myqasr::linear_int4pack`` / ``myqasr::embedding_int4pack``: ops on the CPU-resident weight layout.
+
+A lowered module deployed on CPU (`torch_myqasr.lowering.use_cpu_kernels`) holds each eligible
+weight in aten's int4 weight-pack layout *instead of* the portable bit planes (`cpu.build_int4pack`:
+``packed`` uint8 ``[P, N16, K_pad / 2]``, ``scales_zeros`` ``[K_pad / g, N16, 2]`` in the compute
+dtype). These two ops read that layout:
+
+* ``linear_int4pack(x, packed, scales_zeros, group_size, n, k, bias)``: ``x @ W^T + bias`` computed in
+  ``scales_zeros.dtype`` (bfloat16: aten's fast CPU kernel) and returned in ``x.dtype``, so the
+  float32 graph around it stays as it was exported;
+* ``embedding_int4pack(indices, packed, scales_zeros, group_size, n, k, dtype)``: the rows of the same
+  table, so a tied embedding / output projection is held once.
+
+Both are plain ``torch.library.custom_op``s with fake implementations (torch.compile and
+torch.export keep them as calls). They are CPU-only: the layout is aten's CPU one.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from torch_myqasr.ops import cpu
+
+
+def _check(packed: torch.Tensor, scales_zeros: torch.Tensor, group_size: int, n: int, k: int, device: torch.device) -> None:
+    if packed.dtype != torch.uint8 or packed.dim() != 3 or packed.shape[1] < n or packed.shape[1] % 16:
+        raise ValueError(f"packed must be uint8 [P, N16 >= n={n}, K_pad / 2] from build_int4pack, got {packed.dtype} {list(packed.shape)}")
+    if packed.shape[2] * 2 < k:
+        raise ValueError(f"packed holds {packed.shape[2] * 2} input features but k={k}")
+    if scales_zeros.dim() != 3 or scales_zeros.shape[1:] != (packed.shape[1], 2):
+        raise ValueError(f"scales_zeros must be [groups, {packed.shape[1]}, 2], got {list(scales_zeros.shape)}")
+    if cpu._aten_group(group_size) is None:
+        raise ValueError(f"group_size {group_size} is not a multiple of 32 (aten's int4 CPU kernel)")
+    if device.type != "cpu" and device.type != "meta":
+        raise ValueError(f"the int4pack ops run on CPU only, got tensors on {device}; load the portable artifact on GPUs")
+
+
+@torch.library.custom_op("myqasr::linear_int4pack", mutates_args=())
+def linear_int4pack(
+    x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tensor, group_size: int, n: int, k: int,
+    bias: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """``x [..., k] @ W^T (+ bias)`` for W held as `cpu.build_int4pack` operands; returns ``x.dtype [..., n]``.
+
+    The matmul runs with activations in ``scales_zeros.dtype`` (bfloat16 or float16).
+    """
+    _check(packed, scales_zeros, group_size, n, k, x.device)
+    if x.shape[-1] != k:
+        raise ValueError(f"x has {x.shape[-1]} input features but the weight expects k={k}")
+    y = cpu.int4pack_linear(x.to(scales_zeros.dtype), packed, scales_zeros, group_size, n, k, bias)
+    return y.to(x.dtype)
+
+
+@linear_int4pack.register_fake
+def _(x, packed, scales_zeros, group_size, n, k, bias=None):
+    _check(packed, scales_zeros, group_size, n, k, torch.device("meta"))
+    return x.new_empty((*x.shape[:-1], n))
+
+
+@torch.library.custom_op("myqasr::embedding_int4pack", mutates_args=())
+def embedding_int4pack(
+    indices: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tensor, group_size: int, n: int, k: int,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """Rows ``indices`` of the ``[n, k]`` table held as `cpu.build_int4pack` operands: ``dtype [*indices.shape, k]``.
+
+    Reads only the requested rows' bytes (`cpu.int4pack_rows`); cost grows with ``indices.numel()``.
+    """
+    _check(packed, scales_zeros, group_size, n, k, indices.device)
+    if indices.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"embedding indices must be int64 or int32, got {indices.dtype}")
+    flat = indices.reshape(-1)
+    rows = cpu.int4pack_rows(packed, scales_zeros, flat, group_size, k)
+    return rows.to(dtype).reshape(*indices.shape, k)
+
+
+@embedding_int4pack.register_fake
+def _(indices, packed, scales_zeros, group_size, n, k, dtype):
+    _check(packed, scales_zeros, group_size, n, k, torch.device("meta"))
+    return indices.new_empty((*indices.shape, k), dtype=dtype)
+
+
+__all__ = ["embedding_int4pack", "linear_int4pack"]
