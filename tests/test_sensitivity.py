@@ -67,6 +67,24 @@ def test_all_zero_group_is_exact():
     assert torch.equal(deq[1], torch.zeros(16)) and torch.equal(deq[0, 8:], torch.zeros(8))
 
 
+def test_tiny_range_group_keeps_a_subnormal_scale_and_int8_beats_int6():
+    # A group of weights below 0.01 in magnitude: its int8 step (range/255) is below float16's
+    # smallest normal (6.1e-5). It must still be quantized to within a step, not zeroed, so that an
+    # outlier input channel feeding it cannot make int8 worse than int6 (seen on Whisper's fc2).
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(4, 32, generator=g) * 0.05
+    w[:, 16:] = torch.randn(4, 16, generator=g) * 0.002
+    c = quantize_groupwise(w, 8, 16, clip_ratio=1.0)
+    assert bool((c.scale[:, 1].float() < torch.finfo(torch.float16).tiny).all())  # subnormal kept
+    deq = dequantize_groupwise(c.codes, c.scale, c.zero, 16)
+    step = c.scale.float().repeat_interleave(16, dim=1)
+    assert bool(((deq - w).abs() <= step / 2 + 1e-7).all())
+    x = torch.randn(64, 32, generator=g)
+    x[:, 16:] *= 1000.0  # outlier channels read by the tiny weights
+    dist, _ = layer_distortions(w, ["int8", "int6"], 16, x_sample=x)
+    assert dist["int8"] < dist["int6"] / 4
+
+
 def test_clip_search_uses_layer_output_and_is_deterministic():
     g = torch.Generator().manual_seed(3)
     w = torch.randn(32, 64, generator=g)

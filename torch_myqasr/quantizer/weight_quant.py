@@ -87,9 +87,18 @@ def scale_zero(
     """
     r = ratio.view(-1, 1, 1)
     wmin, wmax = gmin * r, gmax * r
-    scale = ((wmax - wmin) / qmax.view(-1, 1, 1)).to(torch.float16)
+    exact = (wmax - wmin) / qmax.view(-1, 1, 1)
+    scale = exact.to(torch.float16)
+    # A group whose step is below float16's smallest normal (range < 2**B * 6.1e-5: int8 groups of
+    # |w| < ~0.016, common where Whisper has outlier input channels) keeps a SUBNORMAL scale. It is
+    # rounded up to the next float16, so the top code still reaches the group's max (coarser
+    # subnormal spacing must not clip). Replacing it by 1.0, as before, zeroed such groups, and with
+    # the huge activations of those channels int8 came out worse than int6.
+    sub = scale.float() < FP16_TINY
+    up = torch.nextafter(scale, torch.full_like(scale, float("inf")))
+    scale = torch.where(sub & (scale.float() < exact), up, scale)
     # An all-zero group has range 0: any positive scale reproduces it exactly (codes == zero).
-    scale = torch.where(scale.float() >= FP16_TINY, scale, torch.ones_like(scale))
+    scale = torch.where(scale.float() > 0, scale, torch.ones_like(scale))
     zero = (-wmin / scale.float()).to(torch.float16)
     return scale, zero
 
