@@ -47,7 +47,7 @@ def test_full_precision_through_exported_programs_equals_transformers_generate(b
 
     clips = [a for _, a in _clips("test", "librivox", 2) + _clips("test", "kal", 2)]
     exported = export_whisper(bundle.model, max_cache_len=120)
-    ours = exported_decoder(bundle, exported, exported.modules())
+    ours = exported_decoder(bundle, exported.max_cache_len, exported.modules())
     feats = featurize(bundle, clips)
     assert ours(feats, 60, None) == hf_generate_decoder(bundle)(feats, 60, None)
 
@@ -94,7 +94,7 @@ def test_budget_below_the_minimum_names_the_minimum(bundle, calib):
 def test_cli_quantize_then_eval_and_transcribe_the_folder(tmp_path, capsys):
     out = tmp_path / "user"
     code = main(["quantize", "--model", "tiny.en", "--calib", str(corpus_manifest("calib")), "--speaker", "kal",
-                 "--budget", "30MB", "--out", str(out), "--quiet", "--artifact"])
+                 "--budget", "30MB", "--out", str(out), "--quiet"])
     printed = capsys.readouterr().out
     assert code == 0 and "MiB budget" in printed and "int" in printed
     assert (out / "artifact" / "manifest.json").is_file()
@@ -138,12 +138,22 @@ def test_artifact_reloads_in_a_fresh_process_with_the_same_first_tokens(bundle, 
 
 
 def test_main_job_reports_fp32_uniform_and_personalised(tmp_path, capsys):
-    code = main(["personalize", "--test-speakers", "librivox", "--budget", "24MB", "--out", str(tmp_path / "job"), "--quiet"])
+    import subprocess
+    import sys
+
+    job = tmp_path / "job"
+    code = main(["personalize", "--test-speakers", "librivox", "--budget", "24MB", "--out", str(job), "--quiet", "--no-compile"])
     printed = capsys.readouterr().out
     assert code == 0
-    report = json.loads((tmp_path / "job" / "report.json").read_text())
+    report = json.loads((job / "report.json").read_text())
     assert [r["name"].split()[0] for r in report["rows"]] == ["fp32", "uniform", "personalised"]
-    assert all(r["size_mib"] <= 24.0 for r in report["rows"][1:])
+    # the scheme and the deployed model as held in memory (CPU layout) both fit the budget
+    assert all(r["size_mib"] <= 24.0 and r["memory_mib"] <= 24.0 for r in report["rows"][1:])
     assert report["rows"][0]["wer"]["by_speaker"]["librivox"]["n_utts"] == 3
-    assert (tmp_path / "job" / "report.png").is_file() and (tmp_path / "job" / "personalised" / "scheme.json").is_file()
+    assert (job / "report.png").is_file() and (job / "personalised" / "scheme.json").is_file()
     assert "| personalised" in printed
+    # a fresh process loading the personalised artifact transcribes with the WER the job reported
+    subprocess.run([sys.executable, "-m", "torch_myqasr.cli", "eval", "--model", str(job / "personalised"),
+                    "--speaker", "librivox", "--quiet", "--json", str(tmp_path / "fresh.json")], check=True)
+    fresh = json.loads((tmp_path / "fresh.json").read_text())["by_speaker"]["librivox"]
+    assert fresh == report["rows"][2]["wer"]["by_speaker"]["librivox"]

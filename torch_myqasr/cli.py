@@ -31,15 +31,25 @@ def _default_data() -> Path:
     return corpus_manifest("test")
 
 
-def _load_recognizer(model: str):
-    """(bundle, decode) for a model name/folder, or for a folder written by ``myqasr quantize``."""
-    from torch_myqasr.models import load_whisper
-    from torch_myqasr.pipeline import is_quantized_dir, load_quantized
+def _load_recognizer(args: argparse.Namespace):
+    """(bundle, decode) for a model name/folder, or for a folder written by ``myqasr quantize``.
 
-    if is_quantized_dir(model):
-        qw = load_quantized(model)
+    A folder with an artifact runs the artifact as deployed (CPU layout, bfloat16 matmuls; ``--exact``:
+    the portable float32 numerics; ``--compile``: through torch.compile). A folder with only a scheme
+    replays it on the base model (converted PT2E programs).
+    """
+    import torch
+
+    from torch_myqasr.models import load_whisper
+    from torch_myqasr.pipeline import artifact_dir, is_quantized_dir, load_deployed, load_quantized
+
+    if artifact_dir(args.model) is not None:
+        deployed = load_deployed(args.model, compute_dtype=None if args.exact else torch.bfloat16, compile=args.compile)
+        return deployed.bundle, deployed.decoder()
+    if is_quantized_dir(args.model):
+        qw = load_quantized(args.model)
         return qw.bundle, qw.decoder()
-    return load_whisper(model), None
+    return load_whisper(args.model), None
 
 
 def parse_budget(text: str) -> float:
@@ -58,6 +68,15 @@ def parse_budget(text: str) -> float:
     return value
 
 
+def _formats_arg(text: str) -> tuple[str, ...]:
+    """"8,4" -> ("int8", "int4"): candidate integer formats, most bits first."""
+    try:
+        bits = {int(b) for b in text.split(",") if b.strip()}
+    except ValueError:
+        raise ValueError(f"cannot read --bits {text!r}: give integer bit-widths like 8,4") from None
+    return tuple(f"int{b}" for b in sorted(bits, reverse=True))
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     """Transcribe a labelled dataset and print WER overall and per speaker / gender / language."""
     from torch_myqasr.audio import open_dataset
@@ -68,7 +87,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     dataset = open_dataset(data)
     if args.speaker:
         dataset = dataset.filter(speakers=args.speaker)
-    bundle, decode = _load_recognizer(args.model)
+    bundle, decode = _load_recognizer(args)
     if not bundle.is_multilingual:
         non_english = sorted({u.language for u in dataset if u.language not in (None, "en")})
         if non_english and not args.speaker:
@@ -93,7 +112,7 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
     from torch_myqasr.evaluation.transcribe import transcribe
 
     audios = [load_audio(f) for f in args.files]
-    bundle, decode = _load_recognizer(args.model)
+    bundle, decode = _load_recognizer(args)
     texts = transcribe(bundle, audios, language=args.language, batch_size=args.batch_size, decode=decode, progress=False)
     for f, t in zip(args.files, texts):
         print(f"{f}\t{t}" if len(args.files) > 1 else t)
@@ -101,15 +120,14 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
-    """Calibrate on unlabelled clips, pick per-layer bits under the budget, quantize, save the scheme."""
+    """Calibrate on unlabelled clips, pick per-layer bits under the budget, quantize, save scheme and artifact."""
     from torch_myqasr.allocation import format_scheme_summary, plot_scheme
     from torch_myqasr.audio import load_dataset_audio, open_dataset
     from torch_myqasr.models import load_whisper
     from torch_myqasr.pipeline import quantize_whisper, save_lowered_artifact, save_quantized
 
     budget = parse_budget(args.budget)
-    bits = [int(b) for b in args.bits.split(",") if b.strip()]
-    formats = tuple(f"int{b}" for b in sorted(set(bits), reverse=True))
+    formats = _formats_arg(args.bits)
     dataset = open_dataset(args.calib)
     if args.speaker:
         dataset = dataset.filter(speakers=args.speaker)
@@ -130,7 +148,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     path = save_quantized(qw, args.out)
     plot_scheme(qw.scheme, Path(args.out) / "scheme.png")
     print(format_scheme_summary(qw.scheme))
-    if args.artifact:
+    if not args.no_artifact:
         print(f"wrote the lowered, deployable artifact {save_lowered_artifact(qw, args.out)}")
     print(f"calibrated on {len(clips)} clips ({qw.scheme.calibration['seconds']:.1f} s) of {dataset.name}")
     print(f"wrote {path} and {Path(args.out) / 'scheme.png'}")
@@ -142,10 +160,11 @@ def cmd_personalize(args: argparse.Namespace) -> int:
     from torch_myqasr.pipeline.job import run_job
 
     budget = parse_budget(args.budget) if args.budget else None
+    formats = _formats_arg(args.bits)
     run_job(args.model, speaker=args.speaker, test_speakers=args.test_speakers, budget_mb=budget,
-            strategy=args.strategy, out_dir=args.out, progress=not args.quiet)
+            strategy=args.strategy, formats=formats, compile=not args.no_compile, out_dir=args.out, progress=not args.quiet)
     print((Path(args.out) / "report.md").read_text())
-    print(f"wrote {args.out}/report.md, report.json, report.png and the personalised scheme in {args.out}/personalised")
+    print(f"wrote {args.out}/report.md, report.json, report.png and the artifacts in {args.out}/uniform and {args.out}/personalised")
     return 0
 
 
@@ -159,12 +178,18 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--language", default=None, help="language code for multilingual models (default: per utterance, else en)")
         sp.add_argument("--batch-size", type=int, default=8)
 
+    def deploy_args(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--exact", action="store_true",
+                        help="artifact folders: portable float32 numerics (the converted model's; slow on CPU) instead of bf16 CPU kernels")
+        sp.add_argument("--compile", action="store_true", help="artifact folders: run through torch.compile (warm-up of tens of seconds)")
+
     e = sub.add_parser("eval", help="word error rate on a labelled dataset")
     model_arg(e)
     e.add_argument("--data", default=None, help="LibriSpeech tree, JSONL manifest or folder (default: the bundled corpus test split)")
     e.add_argument("--speaker", action="append", help="evaluate only this speaker (repeatable)")
     e.add_argument("--json", default=None, help="also write the WER report to this JSON file")
     e.add_argument("--quiet", action="store_true", help="no progress bar")
+    deploy_args(e)
     e.set_defaults(func=cmd_eval)
 
     q = sub.add_parser("quantize", help="personalised mixed-precision quantization under a memory budget")
@@ -179,18 +204,21 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--language", default=None, help="language of the clips for multilingual models (default en)")
     q.add_argument("--batch-size", type=int, default=8)
     q.add_argument("--out", required=True, help="folder for scheme.json (and the quantized model)")
-    q.add_argument("--artifact", action="store_true", help="also lower to packed myqasr:: ops and write OUT/artifact (docs/artifact.md)")
+    q.add_argument("--no-artifact", action="store_true", help="write only the scheme, not the lowered deployable OUT/artifact (docs/artifact.md)")
     q.add_argument("--quiet", action="store_true", help="no progress bars")
     q.set_defaults(func=cmd_quantize)
 
-    from torch_myqasr.pipeline.job import DEFAULT_JOB_SPEAKER, DEFAULT_JOB_TEST_SPEAKERS
+    from torch_myqasr.pipeline.job import DEFAULT_JOB_FORMATS, DEFAULT_JOB_SPEAKER, DEFAULT_JOB_TEST_SPEAKERS
 
     j = sub.add_parser("personalize", help="the main job on the bundled corpus: personalise, quantize, compare")
     j.add_argument("--model", default="tiny.en", help="tiny.en (default), base, or a model folder")
     j.add_argument("--speaker", default=DEFAULT_JOB_SPEAKER, help="bundled speaker whose unlabelled clips calibrate")
     j.add_argument("--test-speakers", nargs="+", default=list(DEFAULT_JOB_TEST_SPEAKERS))
-    j.add_argument("--budget", default=None, help="MiB (default: halfway between uniform int4 and int5)")
+    j.add_argument("--budget", default=None, help="MiB (default: halfway between uniform int4 and int8)")
     j.add_argument("--strategy", default="myqasr", choices=["myqasr", "optimal", "uniform"])
+    j.add_argument("--bits", default=",".join(f[3:] for f in DEFAULT_JOB_FORMATS),
+                   help="candidate bit-widths (default 8,4: the CPU layout holds these at their scheme size)")
+    j.add_argument("--no-compile", action="store_true", help="run the deployed models eagerly (skips torch.compile's warm-up)")
     j.add_argument("--out", default="myqasr-out", help="folder for report.md/.json/.png and the scheme")
     j.add_argument("--quiet", action="store_true", help="no progress bars")
     j.set_defaults(func=cmd_personalize)
@@ -198,6 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("transcribe", help="print transcripts of audio files")
     model_arg(t)
     t.add_argument("files", nargs="+", help="audio files (any format soundfile reads; resampled to 16 kHz mono)")
+    deploy_args(t)
     t.set_defaults(func=cmd_transcribe)
     return p
 

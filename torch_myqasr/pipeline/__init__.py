@@ -1,5 +1,6 @@
 """The personalise-and-quantize job, end to end, as library calls the CLI wraps."""
 
+from torch_myqasr.pipeline.deploy import DeployedWhisper, artifact_dir, deploy_quantized, load_deployed
 from torch_myqasr.pipeline.personalize import (
     KEEP_FULL_PRECISION_DEFAULT,
     MAX_CACHE_LEN,
@@ -15,6 +16,10 @@ from torch_myqasr.pipeline.personalize import (
 )
 
 __all__ = [
+    "DeployedWhisper",
+    "artifact_dir",
+    "deploy_quantized",
+    "load_deployed",
     "KEEP_FULL_PRECISION_DEFAULT",
     "MAX_CACHE_LEN",
     "QuantizedWhisper",

@@ -63,20 +63,21 @@ class QuantizedWhisper:
 
     def decoder(self) -> DecodeFn:
         """A `DecodeFn` (see evaluation.transcribe) that decodes greedily through the quantized programs."""
-        return exported_decoder(self.bundle, self.exported, (self.encoder, self.decoder_step))
+        return exported_decoder(self.bundle, self.exported.max_cache_len, (self.encoder, self.decoder_step))
 
 
-def exported_decoder(bundle, exported: ExportedWhisper, modules: tuple) -> DecodeFn:
-    """A `DecodeFn` running `greedy_decode` through ``modules`` = (encoder, decoder_step) callables."""
+def exported_decoder(bundle, max_cache_len: int, modules: tuple) -> DecodeFn:
+    """A `DecodeFn` running `greedy_decode` through ``modules`` = (encoder, decoder_step) callables
+    exported with a ``max_cache_len``-row self-attention cache."""
     encoder, decoder_step = modules
 
     def decode(features: torch.Tensor, max_new_tokens: int, language: str | None) -> list[list[int]]:
         options = decoding_options(
             bundle.model,
             language=(language or "en") if bundle.is_multilingual else None,
-            max_new_tokens=min(max_new_tokens, exported.max_cache_len - MAX_PROMPT_TOKENS + 1),
+            max_new_tokens=min(max_new_tokens, max_cache_len - MAX_PROMPT_TOKENS + 1),
         )
-        return greedy_decode(encoder, decoder_step, features, options, max_cache_len=exported.max_cache_len)
+        return greedy_decode(encoder, decoder_step, features, options, max_cache_len=max_cache_len)
 
     return decode
 
@@ -145,7 +146,7 @@ def quantize_whisper(
     encoder = prepare_pt2e(exported.encoder.module(), q)
     decoder_step = prepare_pt2e(exported.decoder_step.module(), q)
     if scheme is None:
-        decode = exported_decoder(bundle, exported, (encoder, decoder_step))
+        decode = exported_decoder(bundle, exported.max_cache_len, (encoder, decoder_step))
         order_idx = sorted(range(len(calib_audios)), key=lambda i: len(calib_audios[i]))
         bar = tqdm(total=len(order_idx), desc="calibrating (label-free)", unit="clip", disable=not progress)
         with torch.inference_mode():

@@ -1,0 +1,129 @@
+"""Deploy a personalised Whisper: lowered artifact on disk, loaded back the way a device runs it.
+
+    qw = quantize_whisper(bundle, clips, budget_mb=...)          # converted PT2E programs + scheme
+    deployed = deploy_quantized(qw, "my-model")                 # writes my-model/artifact, loads it
+    evaluate(bundle, test_set, decode=deployed.decoder())        # WER of what a device would run
+    load_deployed("my-model")                                    # the same, in a fresh process
+
+On CPU the default is the deployment layout (`torch_myqasr.lowering.use_cpu_kernels`): weights in
+aten's int4 layout, matmuls in bfloat16. ``compute_dtype=None`` keeps the portable, exact numerics
+(the converted model's outputs, but every call dequantizes: slow on CPU).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from torch_myqasr.evaluation.transcribe import DecodeFn
+
+DEFAULT_COMPUTE_DTYPE = torch.bfloat16
+"""Matmul activation dtype of a deployed model on CPU (aten's int4 kernel is fast only in bf16/fp16)."""
+
+
+@dataclass
+class DeployedWhisper:
+    """A loaded artifact ready to transcribe.
+
+    Attributes:
+        bundle: the tokenizer / feature extractor / generation config source (`load_whisper` of the
+            artifact's model id).
+        artifact: the `LoadedArtifact` (scheme, manifest, model_info).
+        encoder, decoder_step: the programs that run: the artifact's, in the CPU layout when
+            ``compute_dtype`` was given, wrapped by ``torch.compile`` when ``compiled``.
+        compute_dtype: matmul dtype (None: the portable exact path).
+        compiled: whether the programs go through ``torch.compile``.
+    """
+
+    bundle: object
+    artifact: object
+    encoder: torch.nn.Module
+    decoder_step: torch.nn.Module
+    compute_dtype: Optional[torch.dtype]
+    compiled: bool
+
+    def decoder(self) -> DecodeFn:
+        """A `DecodeFn` (evaluation.transcribe) running greedy decoding through the deployed programs."""
+        from torch_myqasr.pipeline.personalize import exported_decoder
+
+        return exported_decoder(self.bundle, self.artifact.max_cache_len, (self.encoder, self.decoder_step))
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes of the low-bit weights as held in memory now (`quantized_weight_bytes`; the layout's, not the scheme's)."""
+        from torch_myqasr.lowering import quantized_weight_bytes
+
+        return quantized_weight_bytes(self.artifact.encoder) + quantized_weight_bytes(self.artifact.decoder_step)
+
+    @property
+    def resident_bytes(self) -> int:
+        """Bytes of every parameter and buffer of both programs (weights, biases, norms, positions)."""
+        from torch_myqasr.lowering import module_bytes
+
+        return module_bytes(self.artifact.encoder) + module_bytes(self.artifact.decoder_step)
+
+
+def artifact_dir(path: str | os.PathLike) -> Optional[Path]:
+    """The artifact folder inside ``path`` (``path/artifact``, or ``path`` itself), or None if there is none."""
+    from torch_myqasr.artifact.manifest import MANIFEST
+    from torch_myqasr.pipeline.personalize import ARTIFACT_DIR
+
+    for candidate in (Path(path) / ARTIFACT_DIR, Path(path)):
+        if (candidate / MANIFEST).is_file():
+            return candidate
+    return None
+
+
+def load_deployed(
+    path: str | os.PathLike,
+    *,
+    bundle=None,
+    compute_dtype: Optional[torch.dtype] = DEFAULT_COMPUTE_DTYPE,
+    compile: bool = False,
+) -> DeployedWhisper:
+    """Load the artifact in ``path`` (a ``myqasr quantize`` folder or the artifact folder) for transcription.
+
+    Args:
+        path: folder holding ``artifact/manifest.json`` or ``manifest.json``.
+        bundle: the base model's bundle, if already loaded (else `load_whisper` of the artifact's model id).
+        compute_dtype: ``torch.bfloat16`` (default, the CPU deployment layout) or None (portable, exact).
+        compile: wrap both programs in ``torch.compile`` (the first calls compile: tens of seconds on CPU).
+    Raises:
+        FileNotFoundError: no artifact in ``path`` (the message says how to write one).
+        ArtifactError: a damaged or foreign artifact (`load_artifact`).
+    """
+    from torch_myqasr.artifact import load_artifact
+    from torch_myqasr.models import load_whisper
+
+    folder = artifact_dir(path)
+    if folder is None:
+        raise FileNotFoundError(f"{path} holds no artifact (manifest.json); write one with `myqasr quantize ... --out {path}`")
+    art = load_artifact(folder, compute_dtype=compute_dtype)
+    if bundle is None:
+        bundle = load_whisper(art.model_info["model_id"])
+    elif bundle.model_id != art.model_info["model_id"]:
+        raise ValueError(f"{folder} was made from {art.model_info['model_id']!r}, not {bundle.model_id!r}")
+    encoder, decoder_step = art.encoder, art.decoder_step
+    if compile:
+        encoder, decoder_step = torch.compile(encoder), torch.compile(decoder_step)
+    return DeployedWhisper(bundle, art, encoder, decoder_step, compute_dtype, compile)
+
+
+def deploy_quantized(
+    qw, out_dir: str | os.PathLike, *, compute_dtype: Optional[torch.dtype] = DEFAULT_COMPUTE_DTYPE, compile: bool = False,
+) -> DeployedWhisper:
+    """Lower ``qw`` (a `QuantizedWhisper`), write ``out_dir/artifact`` and load it back with `load_deployed`.
+
+    Evaluating the returned model measures exactly what a fresh process loading ``out_dir`` runs.
+    """
+    from torch_myqasr.pipeline.personalize import save_lowered_artifact
+
+    save_lowered_artifact(qw, out_dir)
+    return load_deployed(out_dir, bundle=qw.bundle, compute_dtype=compute_dtype, compile=compile)
+
+
+__all__ = ["DEFAULT_COMPUTE_DTYPE", "DeployedWhisper", "artifact_dir", "deploy_quantized", "load_deployed"]
