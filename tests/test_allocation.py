@@ -26,6 +26,7 @@ from torch_myqasr.allocation import (
 )
 from torch_myqasr.allocation.layers import sort_formats
 from torch_myqasr.formats import MIB, weight_nbytes
+from torch_myqasr.sensitivity import output_kl_scale
 
 STRATS = ("myqasr", "optimal", "uniform")
 BITS = {"int8": 8, "int7": 7, "int6": 6, "int5": 5, "int4": 4, "int3": 3, "int2": 2, "int1": 1, "nf4": 4}
@@ -279,3 +280,25 @@ def test_nf4_and_int1_are_candidates_like_any_other():
     for strategy in STRATS:
         choices = allocate_bits(layers, budget, strategy=strategy, formats=formats)
         assert _size(choices) <= math.floor(budget * MIB)
+
+
+def test_output_kl_weighting_keeps_the_logits_layer_at_more_bits():
+    # Whisper-like numbers (tiny.en, measured): per-layer cosine distances of inner layers, and the
+    # logits layer by cosine distance of the logits or by KL of the token distribution (nats).
+    cos_inner = {"int8": 1e-5, "int6": 2e-4, "int5": 8e-4, "int4": 3e-3, "int3": 1.3e-2, "int2": 5e-2}
+    cos_logits = {"int8": 4e-5, "int6": 7.5e-4, "int5": 3e-3, "int4": 1.2e-2, "int3": 4.5e-2, "int2": 0.13}
+    kl_logits = {"int8": 8e-5, "int6": 2e-3, "int5": 5.4e-3, "int4": 2.6e-2, "int3": 9.9e-2, "int2": 0.49}
+
+    def layers(weighted: bool) -> list[LayerInfo]:
+        # Weighted: inner cosine distances in nats of output KL (Fisher scale 1.6, 13 branches).
+        s = output_kl_scale(1.6, 13) if weighted else 1.0
+        inner = [LayerInfo(f"inner{i}", 128, 96, 1.0, {f: d * s for f, d in cos_inner.items()}) for i in range(12)]
+        return inner + [LayerInfo("logits", 2048, 64, 1.0, kl_logits if weighted else cos_logits)]
+
+    plain = layers(False)
+    lo, hi = model_nbytes(plain, "int3", 64), model_nbytes(plain, "int4", 64)
+    budget = (lo + 0.5 * (hi - lo)) / MIB  # 3.5 bits per weight
+    got = {w: allocate_bits(layers(w), budget, strategy="optimal", group_size=64) for w in (False, True)}
+    assert got[False]["logits"].format == "int3" and got[True]["logits"].format == "int4"
+    for choice in got.values():
+        assert _size(choice) <= math.floor(budget * MIB)

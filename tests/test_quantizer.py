@@ -352,3 +352,38 @@ def test_converted_program_reexports_with_the_dequantize_op():
     ops = [n.target for n in ep.graph.nodes if n.op == "call_function"]
     assert ops.count(torch.ops.myqasr.dequantize_groupwise.default) == 3  # fc1, fc2, tied embedding once
     torch.testing.assert_close(ep.module()(tok, mem), cd(tok, mem))
+
+
+def test_optimal_weighs_distortions_by_their_effect_on_the_logits(monkeypatch):
+    import torch_myqasr.quantizer.quantizer as qmod
+    from torch_myqasr.sensitivity import logits_fisher_scale
+
+    seen = {}
+
+    def spy(infos, *args, **kwargs):
+        seen[kwargs.get("_tag", len(seen))] = {i.name: dict(i.distortion) for i in infos}
+        return real(infos, *args, **kwargs)
+
+    real = qmod.allocate_bits
+    monkeypatch.setattr(qmod, "allocate_bits", spy)
+    budget = (_sizes("int3") + _sizes("int4")) / 2 / MIB
+    qs = {}
+    for weighting in (False, True):
+        qs[weighting] = MyQASRQuantizer(budget_mb=budget, strategy="optimal", score="cosine", progress=False,
+                                        output_weighting=weighting)
+        _quantize(qs[weighting])
+    plain, nats = seen[0], seen[1]
+    meta = qs[True].scheme.calibration["distortion"]
+    assert "distortion" not in qs[False].scheme.calibration
+    # proj_out (tied to m.embed) returns the graph output: it is the logits layer.
+    assert meta["output_layers"] == ["m.embed"] and meta["branches"] == {"0": 0, "1": 0}
+    x = qs[True].statistics("m.embed").rows.sample()
+    fisher = logits_fisher_scale(_programs()[0].m.embed.weight, x)
+    assert meta["fisher_scale"] == pytest.approx(fisher) and fisher > 0
+    # Inner layers: cosine distance times the Fisher scale (no norm in these toy graphs: 1 branch).
+    for name in ("m.conv", "m.enc_fc", "m.fc1", "m.fc2"):
+        for fmt, d in plain[name].items():
+            assert nats[name][fmt] == pytest.approx(d * fisher, rel=1e-9, abs=1e-15)
+    # The logits layer is measured by KL, a different number than its cosine distance.
+    assert nats["m.embed"] != pytest.approx(plain["m.embed"], rel=1e-3)
+    assert qs[True].scheme.size_mb <= budget

@@ -19,6 +19,8 @@ from torch_myqasr.sensitivity import (
     cosine_distance,
     kl_distance,
     layer_distortions,
+    logits_fisher_scale,
+    output_layer_distortions,
     stat_score,
 )
 
@@ -281,3 +283,39 @@ def test_search_on_feature_subset_and_all_formats_at_once():
 
 
 DEFAULT_GRID = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6, 0.55, 0.5)
+
+
+def test_logits_fisher_scale_predicts_the_kl_of_a_perturbed_hidden_state():
+    # Closed form (Fisher trace) against Monte Carlo: isotropic noise on the logits layer's input
+    # with a known cosine distance; the KL of the token distribution per unit of that distance.
+    g = torch.Generator().manual_seed(11)
+    w = torch.randn(300, 24, generator=g) * 0.4
+    x = torch.randn(64, 24, generator=g)
+    s = logits_fisher_scale(w, x)
+    n = torch.randn(200, *x.shape, generator=g) * (0.02 * x.norm(dim=-1, keepdim=True) / 24**0.5)
+    xp = x + n
+    cos = (1 - F.cosine_similarity(x.expand_as(xp), xp, dim=-1)).mean()
+    lp, lq = torch.log_softmax(x @ w.t(), -1), torch.log_softmax(xp @ w.t(), -1)
+    kl = (lp.exp() * (lp - lq)).sum(-1).mean()
+    assert s > 0 and abs(float(kl / cos) / s - 1) < 0.1
+    # Identical output embeddings: no direction of the hidden state moves the distribution
+    # (0 up to float32 rounding of sum p|w|^2 - |sum p w|^2).
+    assert logits_fisher_scale(torch.ones(50, 24), x) < 1e-3 * s
+
+
+def test_output_layer_distortion_is_logits_kl_plus_scaled_lookup_distance():
+    g = torch.Generator().manual_seed(12)
+    w = torch.randn(120, 32, generator=g) * 0.3
+    x = torch.randn(40, 32, generator=g)
+    ids = torch.randint(0, 120, (30,), generator=g)
+    dist, ratio = output_layer_distortions(w, ["int8", "int4", "int2"], 16, x_sample=x, index_sample=ids,
+                                           lookup_scale=0.5)
+    assert dist["int8"] < dist["int4"] < dist["int2"]
+    for fmt, b in (("int4", 4), ("int2", 2)):
+        c = quantize_groupwise(w, b, 16, clip_ratio=ratio[fmt])
+        wq = dequantize_groupwise(c.codes, c.scale, c.zero, 16)[:, :32]
+        direct = kl_distance(x @ w.t(), x @ wq.t()) + 0.5 * cosine_distance(w[ids], wq[ids])
+        assert abs(direct - dist[fmt]) <= 1e-3 * direct + 1e-7
+    # The KL term alone (no lookup use) is smaller by exactly the lookup part's contribution.
+    alone, _ = output_layer_distortions(w, ["int2"], 16, x_sample=x, index_sample=None, lookup_scale=0.5)
+    assert alone["int2"] < dist["int2"]

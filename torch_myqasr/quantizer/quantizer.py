@@ -34,6 +34,7 @@ from torchao.quantization.pt2e.quantizer import (
 )
 from tqdm.auto import tqdm
 
+import torch_myqasr.sensitivity.distortion as _distortion
 import torch_myqasr.sensitivity.scores as _scores
 from torch_myqasr.allocation import DEFAULT_FORMATS, LayerInfo, Scheme, allocate_bits
 from torch_myqasr.allocation.myqasr import DEFAULT_ORDER
@@ -54,6 +55,26 @@ _aten = torch.ops.aten
 _LINEAR = {_aten.linear.default}
 _CONV = {_aten.conv1d.default, _aten.convolution.default}
 _EMBEDDING = {_aten.embedding.default}
+# Normalisation ops: in a pre-LN transformer each one opens a residual branch (plus the final one),
+# which is how `output_kl_scale` estimates how diluted an inner layer's error is at the logits.
+_NORMS = {
+    getattr(_aten, n).default
+    for n in ("layer_norm", "native_layer_norm", "rms_norm", "group_norm", "native_group_norm")
+    if hasattr(_aten, n)
+}
+# Ops that only move or re-view values: a layer whose output reaches the graph output through
+# these alone produces the model's output (the logits).
+_PASS_THROUGH = {
+    getattr(_aten, n).default
+    for n in ("view", "reshape", "_unsafe_view", "squeeze", "unsqueeze", "transpose", "permute", "t",
+              "contiguous", "clone", "alias", "_to_copy", "flatten")
+    if hasattr(_aten, n) and hasattr(getattr(_aten, n), "default")
+} | {
+    getattr(getattr(_aten, n), o)
+    for n, o in (("slice", "Tensor"), ("select", "int"), ("squeeze", "dim"), ("transpose", "int"),
+                 ("flatten", "using_ints"), ("squeeze", "dims"))
+    if hasattr(_aten, n) and hasattr(getattr(_aten, n), o)
+}
 
 ModuleRule = str | type
 
@@ -104,6 +125,8 @@ class _Session:
         self.param_numel: dict[str, int] = {}
         self.quantized_params: set[str] = set()
         self.kept_layers: set[str] = set()
+        self.output_layers: set[str] = set()  # layers whose output is a graph output (logits among them)
+        self.graph_norms: dict[int, int] = {}  # normalisation ops per prepared graph
         self.n_graphs = 0
         self.scheme: Scheme | None = None
         self.clip_ratios: dict[str, float] = {}
@@ -147,6 +170,20 @@ class _Session:
         }
 
 
+def _reaches_output(node: Node) -> bool:
+    """Whether ``node``'s value is (a re-view of) an output of its graph: e.g. Whisper's logits."""
+    todo, seen = [node], set()
+    while todo:
+        n = todo.pop()
+        for u in n.users:
+            if u.op == "output":
+                return True
+            if u.op == "call_function" and u.target in _PASS_THROUGH and u not in seen:
+                seen.add(u)
+                todo.append(u)
+    return False
+
+
 def _type_name(t: type) -> str:
     return f"{t.__module__}.{t.__qualname__}"
 
@@ -185,6 +222,15 @@ class MyQASRQuantizer(Quantizer):
             distortions are still measured on every feature. None = search on all of them.
         calibration: extra entries for ``scheme.calibration`` (``n_clips``, ``seconds``,
             ``audio_sha256``: the caller knows the audio, the observers only see tensors).
+        output_weighting: ``"optimal"`` with the cosine metric only. True (default): express every
+            layer's distortion as an estimate of the KL (nats) of the model's output token
+            distribution, so the knapsack weighs layers by their effect on the output: the layer
+            whose output is a graph output (the logits) is measured by that KL directly, and every
+            other layer's cosine distance is scaled by `sensitivity.output_kl_scale` (the logits
+            layer's Fisher information per unit relative error of its input, divided by the
+            program's residual branches). False: the plain sum of per-layer cosine distances
+            (which on Whisper starves the logits layer; docs/allocation.md). Without a detected
+            output layer nothing is scaled.
     """
 
     def __init__(
@@ -207,6 +253,7 @@ class MyQASRQuantizer(Quantizer):
         sample_rows: int = DEFAULT_ROW_RESERVOIR,
         search_features: int | None = SEARCH_FEATURES,
         calibration: dict[str, Any] | None = None,
+        output_weighting: bool = True,
     ) -> None:
         super().__init__()
         if scheme is None and budget_mb is None:
@@ -240,6 +287,7 @@ class MyQASRQuantizer(Quantizer):
             raise ValueError(f"search_features must be a positive int or None (search on every output feature), got {search_features!r}")
         self.search_features = search_features
         self.calibration = dict(calibration or {})
+        self.output_weighting = bool(output_weighting)
         self._given_scheme = scheme
         self._keep_names: list[str] = []
         self._force_names: list[str] = []
@@ -295,6 +343,7 @@ class MyQASRQuantizer(Quantizer):
             )
         graph_id = s.n_graphs
         s.n_graphs += 1
+        s.graph_norms[graph_id] = sum(1 for n in model.graph.nodes if n.op == "call_function" and n.target in _NORMS)
         aliases: dict[int, list[str]] = {}
         for pname, p in model.named_parameters(remove_duplicate=False):
             aliases.setdefault(id(p), []).append(pname)
@@ -326,6 +375,8 @@ class MyQASRQuantizer(Quantizer):
                 raise ValueError(f"layer {layer!r} has weight shape {rec.shape} here but {old.shape} in an earlier graph")
             s.layers.setdefault(layer, rec).graphs.add(graph_id)
             s.quantized_params.add(rec.aliases[0])
+            if any(u.kind != "embedding" and _reaches_output(u.node) for u in layer_uses):
+                s.output_layers.add(layer)
             self._annotate_layer(layer, rec, layer_uses)
         return model
 
@@ -455,6 +506,7 @@ class MyQASRQuantizer(Quantizer):
             dist_formats = ()
         infos: list[LayerInfo] = []
         all_ratios: dict[str, dict[str, float]] = {}
+        weighting = self._output_weighting(metric)
         with torch.inference_mode():
             for rec in tqdm(list(s.layers.values()), desc="myQASR: scoring layers", disable=not self.progress):
                 st = s.stats(rec.name)
@@ -471,6 +523,9 @@ class MyQASRQuantizer(Quantizer):
                     dist = {f: max(best[bits_of(f)][1], 0.0) for f in dist_formats}
                     all_ratios[rec.name] = {f: best[bits_of(f)][0] for f in dist_formats}
                 score = dist[self.score_format] if self.score in _scores.DISTANCE_SCORES else _scores.stat_score(st, self.score)
+                if weighting is not None and dist is not None:
+                    dist, ratios_nats = self._output_kl_distortions(rec, dist, weighting)
+                    all_ratios[rec.name].update(ratios_nats)
                 infos.append(LayerInfo(rec.name, rec.out_features, rec.in_features, float(score),
                                        dist if self.strategy == "optimal" else None))
             fixed = self._fixed_bytes()
@@ -491,12 +546,61 @@ class MyQASRQuantizer(Quantizer):
                     ratios[name] = self._probe(name, metric).search([b], self.clip_grid, exact=False)[b][0]
         s.clip_ratios = ratios
         calibration = {**self.calibration, "score": self.score, "metric": metric, "clip_ratios": dict(ratios)}
+        if weighting is not None:
+            calibration["distortion"] = {
+                "unit": "nats (estimated KL of the output token distribution)",
+                "output_layers": sorted(weighting["output_layers"]),
+                "fisher_scale": weighting["fisher_scale"],
+                "branches": {str(g): b for g, b in sorted(s.graph_norms.items())},
+            }
         if self.score in _scores.DISTANCE_SCORES:
             calibration["score_format"] = self.score_format
         s.scheme = Scheme.build(
             model_id=self.model_id, budget_mb=self.budget_mb, strategy=self.strategy, group_size=self.group_size,
             layers=choice, fixed_bytes=fixed, calibration=calibration,
             order=(self.order or DEFAULT_ORDER) if self.strategy == "myqasr" else None,
+        )
+
+    def _output_weighting(self, metric: str) -> dict[str, Any] | None:
+        """What `_output_kl_distortions` needs, or None when distortions stay plain cosine distances.
+
+        Applies to ``strategy="optimal"`` with the cosine metric and a detected output layer (one
+        whose output is a graph output, i.e. the logits) that saw input rows.
+        """
+        s = self._session
+        if not (self.strategy == "optimal" and self.output_weighting and metric == "cosine"):
+            return None
+        outputs = [n for n in sorted(s.output_layers) if s.stats(n).rows.sample() is not None]
+        if not outputs:
+            return None
+        # A program may also return intermediate values another program reads (Whisper's encoder
+        # returns hidden states, and may return cross-attention keys/values): the logits layer is the
+        # widest layer whose output leaves a program (vocabulary-sized rows).
+        widest = max(s.layers[n].out_features for n in outputs)
+        outputs = [n for n in outputs if s.layers[n].out_features == widest]
+        with torch.inference_mode():
+            scales = [_distortion.logits_fisher_scale(s.layers[n].weight, s.stats(n).rows.sample()) for n in outputs]
+        return {"output_layers": set(outputs), "fisher_scale": float(sum(scales) / len(scales))}
+
+    def _inner_scale(self, layer: str, fisher_scale: float) -> float:
+        """Nats of output KL per unit cosine distance of ``layer``'s output (`output_kl_scale`)."""
+        s = self._session
+        # A layer used by several programs gets the least diluted (largest) scale of them.
+        branches = min(max(s.graph_norms.get(g, 0), 1) for g in s.layers[layer].graphs)
+        return _distortion.output_kl_scale(fisher_scale, branches)
+
+    def _output_kl_distortions(
+        self, rec: _LayerRecord, cosine: dict[str, float], weighting: dict[str, Any]
+    ) -> tuple[dict[str, float], dict[str, float]]:
+        """``rec``'s distortions in nats of output KL, and the clip ratios they were measured at."""
+        scale = self._inner_scale(rec.name, weighting["fisher_scale"])
+        if rec.name not in weighting["output_layers"]:
+            return {f: d * scale for f, d in cosine.items()}, {}
+        x, idx = self._samples(rec.name)
+        assert x is not None
+        return _distortion.output_layer_distortions(
+            rec.weight, list(cosine), self.group_size, x_sample=x, index_sample=idx, lookup_scale=scale,
+            grid=self.clip_grid, search_features=self.search_features,
         )
 
     def _fixed_bytes(self) -> int:

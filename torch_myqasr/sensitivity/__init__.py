@@ -4,7 +4,12 @@ No labels or transcripts are read: everything comes from the full-precision mode
 on the user's unlabelled calibration clips.
 """
 
-from torch_myqasr.sensitivity.distortion import layer_distortions
+from torch_myqasr.sensitivity.distortion import (
+    layer_distortions,
+    logits_fisher_scale,
+    output_kl_scale,
+    output_layer_distortions,
+)
 from torch_myqasr.sensitivity.metrics import METRICS, cosine_distance, kl_distance, output_distance
 from torch_myqasr.sensitivity.scores import DISTANCE_SCORES, SCORES, STAT_SCORES, check_score, stat_score
 
@@ -17,6 +22,9 @@ __all__ = [
     "cosine_distance",
     "kl_distance",
     "layer_distortions",
+    "logits_fisher_scale",
+    "output_kl_scale",
+    "output_layer_distortions",
     "output_distance",
     "stat_score",
 ]
