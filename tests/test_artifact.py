@@ -165,3 +165,32 @@ def test_save_refuses_unlowered_or_mismatched_modules_and_existing_folder(artifa
     # overwrite replaces the folder only once the new one is complete
     again = save_artifact(_copy(artifact, tmp_path / "again"), le, ld, scheme, info, overwrite=True)
     assert load_artifact(again).model_info == info
+
+
+@pytest.mark.slow
+def test_aot_inductor_packages_match_the_cpu_layout_and_check_platform(tmp_path):
+    scheme, le, ld, feats, _ = _quantized()
+    out = tmp_path / "aoti"
+    save_artifact(out, le, ld, scheme, {"model_id": "tiny-random", "max_cache_len": CACHE, "decoding": OPTS}, aot_inductor=True)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert set(manifest["aoti"]["programs"].values()) <= set(manifest["files"])  # checksummed like the rest
+    packaged = load_artifact(out, aot_inductor=True)
+    layout = load_artifact(out, compute_dtype=torch.bfloat16)  # the same numerics, run eagerly
+    with torch.no_grad():
+        enc_p, enc_l = packaged.encoder(feats), layout.encoder(feats)
+        ids = torch.tensor([[SOT, NO_TS]] * 2)
+        k = torch.zeros(enc_l[1].shape[0], 2, enc_l[1].shape[2], CACHE, enc_l[1].shape[4])
+        step_p = packaged.decoder_step(ids, torch.tensor(0), k, k.clone(), *enc_l[1:])
+        step_l = layout.decoder_step(ids, torch.tensor(0), k, k.clone(), *enc_l[1:])
+    for got, ref in list(zip(enc_p, enc_l)) + list(zip(step_p, step_l)):
+        assert got.shape == ref.shape
+        assert float((got - ref).norm() / ref.norm()) < 2e-2  # inductor rounds bf16 in other places
+    # a package is machine code: another architecture is refused, and an artifact without packages too
+    manifest["aoti"]["platform"] = "sparc64"
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match="built for sparc64"):
+        load_artifact(out, aot_inductor=True)
+    plain = tmp_path / "plain"
+    save_artifact(plain, le, ld, scheme, {"model_id": "tiny-random", "max_cache_len": CACHE, "decoding": OPTS})
+    with pytest.raises(ArtifactError, match="holds no AOTInductor packages"):
+        load_artifact(plain, aot_inductor=True)

@@ -44,7 +44,8 @@ def _load_recognizer(args: argparse.Namespace):
     from torch_myqasr.pipeline import artifact_dir, is_quantized_dir, load_deployed, load_quantized
 
     if artifact_dir(args.model) is not None:
-        deployed = load_deployed(args.model, compute_dtype=None if args.exact else torch.bfloat16, compile=args.compile)
+        deployed = load_deployed(args.model, compute_dtype=None if args.exact else torch.bfloat16, compile=args.compile,
+                                 aot_inductor=args.aot_inductor)
         return deployed.bundle, deployed.decoder()
     if is_quantized_dir(args.model):
         qw = load_quantized(args.model)
@@ -149,7 +150,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     plot_scheme(qw.scheme, Path(args.out) / "scheme.png")
     print(format_scheme_summary(qw.scheme))
     if not args.no_artifact:
-        print(f"wrote the lowered, deployable artifact {save_lowered_artifact(qw, args.out)}")
+        print(f"wrote the lowered, deployable artifact {save_lowered_artifact(qw, args.out, aot_inductor=args.aot_inductor)}")
     print(f"calibrated on {len(clips)} clips ({qw.scheme.calibration['seconds']:.1f} s) of {dataset.name}")
     print(f"wrote {path} and {Path(args.out) / 'scheme.png'}")
     return 0
@@ -182,6 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--exact", action="store_true",
                         help="artifact folders: portable float32 numerics (the converted model's; slow on CPU) instead of bf16 CPU kernels")
         sp.add_argument("--compile", action="store_true", help="artifact folders: run through torch.compile (warm-up of tens of seconds)")
+        sp.add_argument("--aot-inductor", action="store_true",
+                        help="artifact folders: run the AOTInductor packages written by quantize --aot-inductor (no warm-up)")
 
     e = sub.add_parser("eval", help="word error rate on a labelled dataset")
     model_arg(e)
@@ -205,6 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--batch-size", type=int, default=8)
     q.add_argument("--out", required=True, help="folder for scheme.json (and the quantized model)")
     q.add_argument("--no-artifact", action="store_true", help="write only the scheme, not the lowered deployable OUT/artifact (docs/artifact.md)")
+    q.add_argument("--aot-inductor", action="store_true",
+                   help="also compile AOTInductor packages of the CPU layout into the artifact (minutes; this CPU architecture only)")
     q.add_argument("--quiet", action="store_true", help="no progress bars")
     q.set_defaults(func=cmd_quantize)
 

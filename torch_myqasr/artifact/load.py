@@ -98,6 +98,7 @@ def load_artifact(
     *,
     compute_dtype: Optional[torch.dtype] = None,
     strict_versions: bool = True,
+    aot_inductor: bool = False,
 ) -> LoadedArtifact:
     """Verify and load an artifact written by `save_artifact`.
 
@@ -109,6 +110,9 @@ def load_artifact(
             than the float32 model, bfloat16 rounding, int4 / int8 weights in the same memory).
         strict_versions: a torch_myqasr or torch (major.minor) version different from the writer's is an
             error; False turns it into a warning.
+        aot_inductor: run the AOTInductor packages saved with ``save_artifact(..., aot_inductor=True)``
+            (the CPU layout compiled ahead of time: no warm-up); ``compute_dtype`` is then the package's.
+            ``encoder`` / ``decoder_step`` are the packages' callables, not GraphModules.
     Returns:
         a `LoadedArtifact`.
     Raises:
@@ -127,6 +131,18 @@ def load_artifact(
     scheme = Scheme.from_json((folder / "scheme.json").read_text(encoding="utf-8"), source=str(folder / "scheme.json"))
     model_info = json.loads((folder / "model_info.json").read_text(encoding="utf-8"))
     modules = {}
+    if aot_inductor:
+        from torch_myqasr.artifact.aoti import aoti_platform, load_aoti_package
+
+        aoti = manifest.get("aoti")
+        if aoti is None:
+            raise ArtifactError(f"{folder} holds no AOTInductor packages; write it with save_artifact(..., aot_inductor=True) "
+                                "(myqasr quantize --aot-inductor) or load it without aot_inductor")
+        if aoti["platform"] != aoti_platform():
+            raise ArtifactError(f"{folder}'s AOTInductor packages were built for {aoti['platform']}, this is "
+                                f"{aoti_platform()}; load it without aot_inductor (the portable programs run anywhere)")
+        modules = {name: load_aoti_package(folder / aoti["programs"][name]) for name in PROGRAMS}
+        return LoadedArtifact(folder, modules["encoder"], modules["decoder_step"], scheme, model_info, manifest)
     for name in PROGRAMS:
         module = _load_program(folder, manifest["programs"][name], name).module()
         if compute_dtype is not None:

@@ -157,6 +157,7 @@ def save_artifact(
     *,
     extra_files: Optional[Mapping[str, str | os.PathLike]] = None,
     overwrite: bool = False,
+    aot_inductor: bool = False,
 ) -> Path:
     """Write a deployable artifact folder at ``path`` atomically.
 
@@ -170,6 +171,9 @@ def save_artifact(
             `LoadedArtifact.greedy_decode`), ``sampling_rate``, the WER the quantize step measured.
         extra_files: ``{name: source path}`` copied to ``extra/<name>`` (e.g. the tokenizer files).
         overwrite: replace an existing folder (it is swapped out only after the new one is complete).
+        aot_inductor: also write ``<program>.aoti.pt2``, AOTInductor packages of the CPU deployment
+            layout (`torch_myqasr.artifact.aoti`; compiles for minutes, doubles the folder, runs only on
+            this machine's architecture). `load_artifact(..., aot_inductor=True)` loads them.
     Returns:
         the artifact folder.
     Raises:
@@ -200,6 +204,15 @@ def save_artifact(
         (tmp / "scheme.json").write_text(scheme.to_json(), encoding="utf-8")
         (tmp / "model_info.json").write_text(json.dumps(info, indent=2, sort_keys=True), encoding="utf-8")
         files = [f"{n}.{ext}" for n in PROGRAMS for ext in ("pt2", "safetensors")] + ["scheme.json", "model_info.json"]
+        aoti: dict[str, Any] = {}
+        if aot_inductor:
+            from torch_myqasr.artifact.aoti import AOTI_SUFFIX, aoti_platform, compile_aoti_package
+
+            for name, gm in modules.items():
+                compile_aoti_package(gm, tmp / f"{name}{AOTI_SUFFIX}")
+                files.append(f"{name}{AOTI_SUFFIX}")
+            aoti = {"aoti": {"platform": aoti_platform(), "compute_dtype": "bfloat16",
+                             "programs": {n: f"{n}{AOTI_SUFFIX}" for n in PROGRAMS}}}
         for name, source in (extra_files or {}).items():
             if "/" in name or name.startswith("."):
                 raise ValueError(f"extra file name {name!r} must be a plain file name")
@@ -208,7 +221,7 @@ def save_artifact(
             files.append(f"extra/{name}")
         manifest = build_manifest(
             tmp, files,
-            {"programs": programs, "scheme_quantized_bytes": scheme_bytes, "quantized_weight_bytes": total},
+            {"programs": programs, "scheme_quantized_bytes": scheme_bytes, "quantized_weight_bytes": total, **aoti},
         )
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True), encoding="utf-8")
         for p in tmp.rglob("*"):

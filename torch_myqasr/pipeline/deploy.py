@@ -36,7 +36,8 @@ class DeployedWhisper:
         encoder, decoder_step: the programs that run: the artifact's, in the CPU layout when
             ``compute_dtype`` was given, wrapped by ``torch.compile`` when ``compiled``.
         compute_dtype: matmul dtype (None: the portable exact path).
-        compiled: whether the programs go through ``torch.compile``.
+        compiled: whether the programs go through ``torch.compile``, or are AOTInductor packages
+            (``"aot_inductor"``).
     """
 
     bundle: object
@@ -44,7 +45,7 @@ class DeployedWhisper:
     encoder: torch.nn.Module
     decoder_step: torch.nn.Module
     compute_dtype: Optional[torch.dtype]
-    compiled: bool
+    compiled: bool | str
 
     def decoder(self) -> DecodeFn:
         """A `DecodeFn` (evaluation.transcribe) running greedy decoding through the deployed programs."""
@@ -53,17 +54,13 @@ class DeployedWhisper:
         return exported_decoder(self.bundle, self.artifact.max_cache_len, (self.encoder, self.decoder_step))
 
     @property
-    def weight_bytes(self) -> int:
-        """Bytes of the low-bit weights as held in memory now (`quantized_weight_bytes`; the layout's, not the scheme's)."""
-        from torch_myqasr.lowering import quantized_weight_bytes
-
-        return quantized_weight_bytes(self.artifact.encoder) + quantized_weight_bytes(self.artifact.decoder_step)
-
-    @property
-    def resident_bytes(self) -> int:
-        """Bytes of every parameter and buffer of both programs (weights, biases, norms, positions)."""
+    def resident_bytes(self) -> Optional[int]:
+        """Bytes of every parameter and buffer of both programs (weights, biases, norms, positions);
+        None for AOTInductor packages, whose weights live inside the compiled library."""
         from torch_myqasr.lowering import module_bytes
 
+        if self.compiled == "aot_inductor":
+            return None
         return module_bytes(self.artifact.encoder) + module_bytes(self.artifact.decoder_step)
 
 
@@ -84,6 +81,7 @@ def load_deployed(
     bundle=None,
     compute_dtype: Optional[torch.dtype] = DEFAULT_COMPUTE_DTYPE,
     compile: bool = False,
+    aot_inductor: bool = False,
 ) -> DeployedWhisper:
     """Load the artifact in ``path`` (a ``myqasr quantize`` folder or the artifact folder) for transcription.
 
@@ -92,6 +90,8 @@ def load_deployed(
         bundle: the base model's bundle, if already loaded (else `load_whisper` of the artifact's model id).
         compute_dtype: ``torch.bfloat16`` (default, the CPU deployment layout) or None (portable, exact).
         compile: wrap both programs in ``torch.compile`` (the first calls compile: tens of seconds on CPU).
+        aot_inductor: run the artifact's AOTInductor packages instead (built by ``myqasr quantize
+            --aot-inductor``; bfloat16 CPU layout, no warm-up); ``compute_dtype`` and ``compile`` are ignored.
     Raises:
         FileNotFoundError: no artifact in ``path`` (the message says how to write one).
         ArtifactError: a damaged or foreign artifact (`load_artifact`).
@@ -102,12 +102,14 @@ def load_deployed(
     folder = artifact_dir(path)
     if folder is None:
         raise FileNotFoundError(f"{path} holds no artifact (manifest.json); write one with `myqasr quantize ... --out {path}`")
-    art = load_artifact(folder, compute_dtype=compute_dtype)
+    art = load_artifact(folder, compute_dtype=compute_dtype, aot_inductor=aot_inductor)
     if bundle is None:
         bundle = load_whisper(art.model_info["model_id"])
     elif bundle.model_id != art.model_info["model_id"]:
         raise ValueError(f"{folder} was made from {art.model_info['model_id']!r}, not {bundle.model_id!r}")
     encoder, decoder_step = art.encoder, art.decoder_step
+    if aot_inductor:
+        return DeployedWhisper(bundle, art, encoder, decoder_step, torch.bfloat16, "aot_inductor")
     if compile:
         encoder, decoder_step = torch.compile(encoder), torch.compile(decoder_step)
     return DeployedWhisper(bundle, art, encoder, decoder_step, compute_dtype, compile)

@@ -211,12 +211,15 @@ def load_quantized(path: str | os.PathLike, *, progress: bool = False) -> Quanti
 ARTIFACT_DIR = "artifact"
 
 
-def save_lowered_artifact(qw: QuantizedWhisper, out_dir: str | os.PathLike, *, overwrite: bool = True) -> Path:
+def save_lowered_artifact(
+    qw: QuantizedWhisper, out_dir: str | os.PathLike, *, overwrite: bool = True, aot_inductor: bool = False
+) -> Path:
     """Lower ``qw``'s converted programs to packed ``myqasr::`` ops and write ``out_dir/artifact``.
 
     The artifact (docs/artifact.md) loads in a fresh process with only ``import torch_myqasr``
     (`torch_myqasr.artifact.load_artifact`). The converted modules are copied before lowering, so
-    ``qw`` still decodes afterwards.
+    ``qw`` still decodes afterwards. ``aot_inductor`` adds AOTInductor packages of the CPU layout
+    (minutes of compilation; `torch_myqasr.artifact.aoti`).
     """
     import copy
 
@@ -232,4 +235,6 @@ def save_lowered_artifact(qw: QuantizedWhisper, out_dir: str | os.PathLike, *, o
     }
     encoder = lower_quantized(copy.deepcopy(qw.encoder))
     decoder_step = lower_quantized(copy.deepcopy(qw.decoder_step))
-    return save_artifact(Path(out_dir) / ARTIFACT_DIR, encoder, decoder_step, qw.scheme, info, overwrite=overwrite)
+    return save_artifact(
+        Path(out_dir) / ARTIFACT_DIR, encoder, decoder_step, qw.scheme, info, overwrite=overwrite, aot_inductor=aot_inductor
+    )
