@@ -171,3 +171,24 @@ def test_base_is_multilingual(tmp_path):
     gen = bundle.model.generation_config
     assert gen.lang_to_id["<|de|>"] == bundle.tokenizer.convert_tokens_to_ids("<|de|>")
     assert set(gen.task_to_id) == {"transcribe", "translate"}
+
+
+def test_frontend_round_trip_transcribes_like_the_model(tmp_path):
+    from torch_myqasr.evaluation.transcribe import featurize, hf_generate_decoder
+    from torch_myqasr.export import decoding_options
+
+    bundle = load_whisper("tiny.en")
+    files = whisper_mod.save_frontend(bundle, tmp_path / "fe")
+    assert {p.name for p in files} >= set(whisper_mod.FRONTEND_FILES)
+    fe = whisper_mod.load_frontend(tmp_path / "fe", model_id="tiny.en")
+    assert fe.model is None and not fe.is_multilingual
+    assert decoding_options(fe) == decoding_options(bundle)  # same prompt, eos and suppression
+    audio = np.random.default_rng(0).standard_normal(8000).astype(np.float32) * 0.1
+    assert torch.equal(featurize(fe, [audio]), featurize(bundle, [audio]))
+    ids = bundle.tokenizer.encode(" The quick brown fox.", add_special_tokens=False)
+    assert fe.tokenizer.decode(ids) == bundle.tokenizer.decode(ids) == " The quick brown fox."
+    with pytest.raises(ValueError, match="loaded without weights"):
+        hf_generate_decoder(fe)
+    (tmp_path / "fe" / "generation_config.json").unlink()
+    with pytest.raises(ModelLoadError, match="lacks generation_config.json"):
+        whisper_mod.load_frontend(tmp_path / "fe", model_id="tiny.en")

@@ -39,6 +39,8 @@ def check_language(bundle, language: str | None) -> None:
 def hf_generate_decoder(bundle) -> DecodeFn:
     """A `DecodeFn` that runs transformers' own greedy ``generate`` on ``bundle.model``."""
     model = bundle.model
+    if model is None:
+        raise ValueError(f"{bundle.model_id} is loaded without weights (a deployed artifact's front end); pass decode=")
     special = set(bundle.tokenizer.all_special_ids)
 
     @torch.inference_mode()
@@ -64,7 +66,8 @@ def featurize(bundle, audios: Sequence[np.ndarray]) -> torch.Tensor:
     feats = bundle.feature_extractor(
         list(audios), sampling_rate=SAMPLE_RATE, return_tensors="pt"
     ).input_features
-    return feats.to(next(bundle.model.parameters()).dtype)
+    # a front-end-only bundle (a deployed artifact) feeds float32 programs
+    return feats if bundle.model is None else feats.to(next(bundle.model.parameters()).dtype)
 
 
 def transcribe(

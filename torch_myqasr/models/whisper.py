@@ -76,24 +76,69 @@ class WhisperBundle:
     """A loaded Whisper model and what is needed to featurise audio and decode tokens.
 
     Attributes:
-        model: the transformers model (float32, eval mode).
+        model: the transformers model (float32, eval mode), or None for a front end only
+            (`load_frontend`: a deployed artifact brings its own programs).
         feature_extractor: turns 16 kHz mono float audio into log-mel features [n_mels, 3000].
         tokenizer: decodes token ids to text.
         model_id: ``"tiny.en"``, ``"base"`` or the folder path it came from.
         source_sha256: sha256 of the source weights (CTranslate2 model.bin), or None for a
             transformers folder.
+        generation_config: the Whisper generation config (prompt tokens, suppression); defaults to
+            ``model.generation_config``.
     """
 
-    model: "torch.nn.Module"
+    model: "torch.nn.Module | None"
     feature_extractor: object
     tokenizer: object
     model_id: str
     source_sha256: str | None = None
+    generation_config: object = None
+
+    def __post_init__(self) -> None:
+        if self.generation_config is None:
+            if self.model is None:
+                raise ValueError("a WhisperBundle without a model needs its generation_config")
+            self.generation_config = self.model.generation_config
 
     @property
     def is_multilingual(self) -> bool:
         """Whether the model takes a language token (multilingual checkpoints)."""
-        return bool(self.model.generation_config.is_multilingual)
+        return bool(self.generation_config.is_multilingual)
+
+
+FRONTEND_FILES = ("tokenizer.json", "tokenizer_config.json", "preprocessor_config.json", "generation_config.json")
+"""What `save_frontend` writes and `load_frontend` reads (plus any other tokenizer file transformers writes)."""
+
+
+def save_frontend(bundle: WhisperBundle, folder: str | os.PathLike) -> list[Path]:
+    """Write the tokenizer, feature extractor and generation config of ``bundle`` into ``folder``.
+
+    Returns the files written (flat, no subfolders). With them `load_frontend` rebuilds a bundle
+    that transcribes through exported programs without the model's weights.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    bundle.tokenizer.save_pretrained(folder)
+    bundle.feature_extractor.save_pretrained(folder)
+    bundle.generation_config.save_pretrained(folder)
+    return sorted(p for p in folder.iterdir() if p.is_file())
+
+
+def load_frontend(folder: str | os.PathLike, *, model_id: str) -> WhisperBundle:
+    """A `WhisperBundle` with ``model=None`` from the files `save_frontend` wrote (no weights loaded)."""
+    from transformers import GenerationConfig, WhisperFeatureExtractor, WhisperTokenizer
+
+    folder = Path(folder)
+    missing = [name for name in FRONTEND_FILES if not (folder / name).is_file()]
+    if missing:
+        raise ModelLoadError(f"{folder} lacks {', '.join(missing)}; it was not written by save_frontend")
+    try:
+        return WhisperBundle(
+            None, WhisperFeatureExtractor.from_pretrained(folder), WhisperTokenizer.from_pretrained(folder), model_id,
+            generation_config=GenerationConfig.from_pretrained(folder),
+        )
+    except Exception as err:
+        raise ModelLoadError(f"could not load the tokenizer / feature extractor / generation config in {folder}: {err}") from err
 
 
 def default_cache_dir() -> Path:

@@ -30,8 +30,8 @@ class DeployedWhisper:
     """A loaded artifact ready to transcribe.
 
     Attributes:
-        bundle: the tokenizer / feature extractor / generation config source (`load_whisper` of the
-            artifact's model id).
+        bundle: tokenizer, feature extractor and generation config: the artifact's own (``extra/``,
+            a `WhisperBundle` with ``model=None``), or the base model's for artifacts without them.
         artifact: the `LoadedArtifact` (scheme, manifest, model_info).
         encoder, decoder_step: the programs that run: the artifact's, in the CPU layout when
             ``compute_dtype`` was given, wrapped by ``torch.compile`` when ``compiled``.
@@ -87,7 +87,8 @@ def load_deployed(
 
     Args:
         path: folder holding ``artifact/manifest.json`` or ``manifest.json``.
-        bundle: the base model's bundle, if already loaded (else `load_whisper` of the artifact's model id).
+        bundle: the base model's bundle, if already loaded (else the artifact's own front end in
+            ``extra/``: no fp32 weights are loaded; older artifacts without it load the base model).
         compute_dtype: ``torch.bfloat16`` (default, the CPU deployment layout) or None (portable, exact).
         compile: wrap both programs in ``torch.compile`` (the first calls compile: tens of seconds on CPU).
         aot_inductor: run the artifact's AOTInductor packages instead (built by ``myqasr quantize
@@ -98,15 +99,19 @@ def load_deployed(
     """
     from torch_myqasr.artifact import load_artifact
     from torch_myqasr.models import load_whisper
+    from torch_myqasr.models.whisper import FRONTEND_FILES, load_frontend
 
     folder = artifact_dir(path)
     if folder is None:
         raise FileNotFoundError(f"{path} holds no artifact (manifest.json); write one with `myqasr quantize ... --out {path}`")
     art = load_artifact(folder, compute_dtype=compute_dtype, aot_inductor=aot_inductor)
-    if bundle is None:
-        bundle = load_whisper(art.model_info["model_id"])
-    elif bundle.model_id != art.model_info["model_id"]:
-        raise ValueError(f"{folder} was made from {art.model_info['model_id']!r}, not {bundle.model_id!r}")
+    model_id = art.model_info["model_id"]
+    if bundle is None and all((folder / "extra" / name).is_file() for name in FRONTEND_FILES):
+        bundle = load_frontend(folder / "extra", model_id=model_id)
+    elif bundle is None:
+        bundle = load_whisper(model_id)
+    elif bundle.model_id != model_id:
+        raise ValueError(f"{folder} was made from {model_id!r}, not {bundle.model_id!r}")
     encoder, decoder_step = art.encoder, art.decoder_step
     if aot_inductor:
         return DeployedWhisper(bundle, art, encoder, decoder_step, torch.bfloat16, "aot_inductor")

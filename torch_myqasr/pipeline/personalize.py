@@ -73,7 +73,7 @@ def exported_decoder(bundle, max_cache_len: int, modules: tuple) -> DecodeFn:
 
     def decode(features: torch.Tensor, max_new_tokens: int, language: str | None) -> list[list[int]]:
         options = decoding_options(
-            bundle.model,
+            bundle,  # anything with a generation_config: a front-end-only bundle too
             language=(language or "en") if bundle.is_multilingual else None,
             max_new_tokens=min(max_new_tokens, max_cache_len - MAX_PROMPT_TOKENS + 1),
         )
@@ -226,7 +226,11 @@ def save_lowered_artifact(
     from torch_myqasr.artifact import save_artifact
     from torch_myqasr.lowering import lower_quantized
 
-    options = decoding_options(qw.bundle.model, language="en" if qw.bundle.is_multilingual else None)
+    import tempfile
+
+    from torch_myqasr.models.whisper import save_frontend
+
+    options = decoding_options(qw.bundle, language="en" if qw.bundle.is_multilingual else None)
     info = {
         "model_id": qw.bundle.model_id,
         "max_cache_len": qw.exported.max_cache_len,
@@ -235,6 +239,9 @@ def save_lowered_artifact(
     }
     encoder = lower_quantized(copy.deepcopy(qw.encoder))
     decoder_step = lower_quantized(copy.deepcopy(qw.decoder_step))
-    return save_artifact(
-        Path(out_dir) / ARTIFACT_DIR, encoder, decoder_step, qw.scheme, info, overwrite=overwrite, aot_inductor=aot_inductor
-    )
+    with tempfile.TemporaryDirectory() as tmp:  # tokenizer etc. travel in extra/: the artifact is self-contained
+        extra = {p.name: p for p in save_frontend(qw.bundle, tmp)}
+        return save_artifact(
+            Path(out_dir) / ARTIFACT_DIR, encoder, decoder_step, qw.scheme, info, extra_files=extra,
+            overwrite=overwrite, aot_inductor=aot_inductor,
+        )
