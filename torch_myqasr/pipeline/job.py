@@ -26,7 +26,7 @@ DEFAULT_JOB_SPEAKER = "slt"
 DEFAULT_JOB_TEST_SPEAKERS = ("slt", "kal", "ked", "librivox")
 DEFAULT_JOB_FORMATS = ("int8", "int4")
 """Candidate formats of the job: the widths the CPU deployment layout holds at their scheme size."""
-DEFAULT_JOB_BITS_PER_WEIGHT = 6.5
+DEFAULT_JOB_BITS_PER_WEIGHT = 6.0
 """Default budget: the size halfway between uniform int4 and uniform int8 (scales counted)."""
 
 
