@@ -404,3 +404,20 @@ def test_real_tiny_en_same_tokens_converted_lowered_compiled():
     assert greedy_decode(le, ld, feats, opts, max_cache_len=cache) == ref
     assert greedy_decode(torch.compile(le), torch.compile(ld), feats, opts, max_cache_len=cache) == ref
     assert all(len(r) == 6 for r in ref)
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4", "int1"])
+def test_int4pack_linear_takes_both_paths_and_agrees(fmt):
+    from torch_myqasr.ops import cpu, int4pack
+
+    torch.manual_seed(1)
+    qw = quantize_weight(torch.randn(72, 90), fmt, 32)  # N not a multiple of 32 (a tail block), K padded to 96
+    packed, sz = cpu.build_int4pack(qw, torch.bfloat16)
+    assert torch.equal(cpu.int4pack_dequantize(packed, sz, 32, 72, 90), cpu.int4pack_rows(packed, sz, torch.arange(72), 32, 90))
+    torch.library.opcheck(torch.ops.myqasr.int4pack_dequantize.default, (packed, sz, 32, 72, 90))
+    ref_w = qw.dequantize(torch.float64)
+    for rows in (3, int4pack.KERNEL_MAX_ROWS + 5):  # the int4 kernel, then the dequantized weight
+        x = torch.randn(rows, 90)
+        y = torch.ops.myqasr.linear_int4pack(x, packed, sz, 32, 72, 90, None)
+        ref = F.linear(x.double(), ref_w)
+        assert y.shape == (rows, 72) and float((y - ref).abs().max() / ref.abs().max()) < 1.6e-2

@@ -170,6 +170,29 @@ def int4pack_rows(
     return w[:, :k].contiguous()
 
 
+def int4pack_dequantize(cpu_packed: torch.Tensor, cpu_scales_zeros: torch.Tensor, group_size: int, n: int, k: int) -> torch.Tensor:
+    """The whole float32 ``[n, k]`` weight held as `build_int4pack` operands (aten's layout, see `int4pack_rows`)."""
+    parts, n16, half = cpu_packed.shape
+    k_pad, g_aten = 2 * half, _aten_group(group_size)
+    flat = cpu_packed.reshape(parts, -1)
+    n_full = n16 // _BLOCK_N * _BLOCK_N
+    # full blocks: [block, k, byte j] with byte j = (row j, row j + 16)
+    full = flat[:, : n_full * half].reshape(parts, n_full // _BLOCK_N, k_pad, 16)
+    codes = torch.stack([full & 15, full >> 4], dim=2)  # [P, block, nibble, k, j]: row = 16 * nibble + j
+    codes = codes.permute(0, 1, 2, 4, 3).reshape(parts, n_full, k_pad)
+    if n16 > n_full:  # a last block of 16 rows: [k, byte j] with byte j = (row 2j, row 2j + 1)
+        tail = flat[:, n_full * half :].reshape(parts, k_pad, 8)
+        tail = torch.stack([tail & 15, tail >> 4], dim=-1).reshape(parts, k_pad, 16).transpose(1, 2)
+        codes = torch.cat([codes, tail], dim=1)
+    w = None
+    for plane, sz in zip(codes, _plane_scales_zeros(cpu_scales_zeros.float(), parts)):
+        s = sz[..., 0].t().repeat_interleave(g_aten, dim=1)  # [N16, K_pad]
+        z = sz[..., 1].t().repeat_interleave(g_aten, dim=1)
+        part = (plane.float() - 8.0) * s + z
+        w = part if w is None else w + part
+    return w[:n, :k].contiguous()
+
+
 @functools.lru_cache(maxsize=None)
 def check_int4pack_layout() -> bool:
     """Whether `int4pack_rows` reads this torch's int4 CPU layout correctly (a 48-row probe, once per process)."""

@@ -14,10 +14,8 @@ dtype). These two ops read that layout:
 Both are defined as ``CompositeImplicitAutograd``: their bodies are plain aten calls, so
 ``torch.compile`` traces *into* them and inductor calls ``_weight_int4pack_mm_for_cpu`` directly,
 fused with the casts and bias around it. A ``custom_op`` stays an opaque Python call instead, and on
-Whisper's 384-wide layers that call cost 3-6x the matmul: a simulated tiny.en decoder step (32
-linears of 384 x 384 and the 51865-row logits, int8) took 11.7 ms compiled as a custom op, 3.4 ms
-as a composite and 9.7 ms in fp32 eager. (That was one run of a scratch script on the shared 2-core
-machine; benchmarks/bench_e2e.py measures the real model.) They are CPU-only: the layout is aten's
+Whisper's 384-wide layers that call costs several times the matmul itself (benchmarks/bench_e2e.py
+measures the deployed model, compiled and eager). They are CPU-only: the layout is aten's
 CPU one. No artifact stores them: a program in this layout is only ever built at load time, or
 compiled into an AOTInductor package where the composite is already decomposed.
 """
@@ -27,8 +25,18 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
 from torch_myqasr.ops import cpu
+
+KERNEL_MAX_ROWS = 64
+"""Rows of x (tokens x batch) up to which ``linear_int4pack`` runs aten's int4 kernel.
+
+Above it the weight is dequantized once per call to x's dtype and multiplied with ``F.linear``:
+aten's bfloat16 int4 kernel is memory-bound-fast for decoding (a few rows) but much slower than
+float32 GEMM for the encoder's 1500 rows (crossover near 64-256 rows on the 2-core AMD EPYC of
+this workplace, 1536 x 384 weight, int4 and int8). The dequantized weight is transient, one layer at a time.
+"""
 
 
 def _check(packed: torch.Tensor, scales_zeros: torch.Tensor, group_size: int, n: int, k: int, device: torch.device) -> None:
@@ -55,11 +63,15 @@ def linear_int4pack(
 ) -> torch.Tensor:
     """``x [..., k] @ W^T (+ bias)`` for W held as `cpu.build_int4pack` operands; returns ``x.dtype [..., n]``.
 
-    The matmul runs with activations in ``scales_zeros.dtype`` (bfloat16 or float16).
+    Up to `KERNEL_MAX_ROWS` rows the matmul runs on aten's int4 kernel with activations in
+    ``scales_zeros.dtype`` (bfloat16 or float16); above it on the dequantized weight in ``x.dtype``.
     """
     _check(packed, scales_zeros, group_size, n, k, x.device)
     if x.shape[-1] != k:
         raise ValueError(f"x has {x.shape[-1]} input features but the weight expects k={k}")
+    if x.numel() > KERNEL_MAX_ROWS * k:
+        w = int4pack_dequantize(packed, scales_zeros, group_size, n, k)
+        return F.linear(x, w.to(x.dtype), None if bias is None else bias.to(x.dtype))
     y = cpu.int4pack_linear(x.to(scales_zeros.dtype), packed, scales_zeros, group_size, n, k, bias)
     return y.to(x.dtype)
 
@@ -80,8 +92,25 @@ def embedding_int4pack(
     return rows.to(dtype).reshape(*indices.shape, k)
 
 
+@torch.library.custom_op("myqasr::int4pack_dequantize", mutates_args=())
+def int4pack_dequantize(packed: torch.Tensor, scales_zeros: torch.Tensor, group_size: int, n: int, k: int) -> torch.Tensor:
+    """The float32 ``[n, k]`` weight of `cpu.build_int4pack` operands (`cpu.int4pack_dequantize`).
+
+    An opaque op on purpose: traced into, inductor fuses the unpacking into a GEMM of its own that
+    is slower than the MKL ``F.linear`` this feeds (the encoder went 3x slower compiled than eager).
+    """
+    _check(packed, scales_zeros, group_size, n, k, packed.device)
+    return cpu.int4pack_dequantize(packed, scales_zeros, group_size, n, k)
+
+
+@int4pack_dequantize.register_fake
+def _(packed, scales_zeros, group_size, n, k):
+    _check(packed, scales_zeros, group_size, n, k, torch.device("meta"))
+    return packed.new_empty((n, k), dtype=torch.float32)
+
+
 _lib.impl("linear_int4pack", linear_int4pack, "CompositeImplicitAutograd")
 _lib.impl("embedding_int4pack", embedding_int4pack, "CompositeImplicitAutograd")
 
 
-__all__ = ["embedding_int4pack", "linear_int4pack"]
+__all__ = ["KERNEL_MAX_ROWS", "embedding_int4pack", "int4pack_dequantize", "linear_int4pack"]
