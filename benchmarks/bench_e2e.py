@@ -57,6 +57,7 @@ CONFIGS = [
     ("bf16 compiled", "bf16", True),
     ("artifact bf16-kernels eager", "artifact-bf16", False),
     ("artifact bf16-kernels compiled", "artifact-bf16", True),
+    ("artifact AOTInductor package", "artifact-aoti", False),
     ("artifact exact (compute_dtype=None) eager", "artifact-exact", False),
 ]
 
@@ -94,7 +95,10 @@ def prepare(args, work: Path) -> dict:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         qw = quantize_whisper(bundle, calib, budget_mb=budget, formats=("int8", "int4"), progress=False)
-    save_lowered_artifact(qw, work / "quantized")
+    t_aoti = time.perf_counter()
+    save_lowered_artifact(qw, work / "quantized", aot_inductor=args.aot_inductor)
+    info["artifact_save_s"] = time.perf_counter() - t_aoti  # AOTInductor compilation included when asked
+    info["aot_inductor"] = args.aot_inductor
     from torch_myqasr.allocation import bit_histogram
 
     info.update(scheme_size_mib=qw.scheme.size_mb, scheme_formats=bit_histogram(qw.scheme),
@@ -160,7 +164,8 @@ def to_markdown(res: dict, cmd: str) -> str:
         f"formats int8 + int4, budget {p['budget_mib']:.3f} MiB (halfway between uniform int4 {p['uniform_int4_mib']:.3f} and "
         f"uniform int8 {p['uniform_int8_mib']:.3f} MiB; fp32 {p['fp32_mib']:.3f} MiB), scheme {p['scheme_size_mib']:.3f} MiB "
         f"({', '.join(f'{k}: {v}' for k, v in sorted(p['scheme_formats'].items()))}); quantize + save {p['quantize_s']:.0f} s. "
-        f"Artifact on disk {p['artifact_disk_bytes'] / MIB:.2f} MiB.",
+        f"Artifact on disk {p['artifact_disk_bytes'] / MIB:.2f} MiB"
+        + (f" (with AOTInductor packages; writing it took {p['artifact_save_s']:.0f} s)." if p.get('aot_inductor') else "."),
         "",
         "| config | weights MiB (resident) | peak RSS MiB | RSS after decode MiB | warm-up s | ms/token | RTF | speed-up vs fp32 eager | tokens identical to fp32 eager | tokens | batch-of-all s (speed-up) |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
@@ -256,6 +261,8 @@ def main() -> None:
     p.add_argument("--configs", default=None, help="comma-separated subset of: " + ", ".join(c[0] for c in CONFIGS))
     p.add_argument("--threads", type=int, default=0, help="torch threads in the workers (0: torch's default)")
     p.add_argument("--no-batch", action="store_true")
+    p.add_argument("--no-aot-inductor", dest="aot_inductor", action="store_false",
+                   help="skip the AOTInductor packages (their compilation takes minutes)")
     p.add_argument("--quick", action="store_true", help="1 clip, 1 pass, 4 calibration clips")
     p.add_argument("--no-write", action="store_true")
     args = p.parse_args()
@@ -263,6 +270,8 @@ def main() -> None:
         args.clips, args.repeats, args.calib_clips = 1, 1, 4
     cmd = "python benchmarks/bench_e2e.py " + " ".join(sys.argv[1:])
     wanted = [c for c in CONFIGS if args.configs is None or c[0] in args.configs.split(",")]
+    if not args.aot_inductor:
+        wanted = [c for c in wanted if c[1] != "artifact-aoti"]
     res = {"model": args.model, "machine": describe_machine(), "command": cmd, "speaker": args.speaker,
            "calib_speaker": args.calib_speaker, "repeats": args.repeats, "exact_tokens": args.exact_tokens,
            "date": time.strftime("%Y-%m-%d %H:%M", time.gmtime()), "load_before": os.getloadavg()[0],

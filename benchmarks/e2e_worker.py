@@ -2,7 +2,7 @@
 
     python benchmarks/e2e_worker.py SPEC.json OUT.json
 
-SPEC (written by bench_e2e.py): ``config`` (fp32 | bf16 | artifact-bf16 | artifact-exact), ``compile``
+SPEC (written by bench_e2e.py): ``config`` (fp32 | bf16 | artifact-bf16 | artifact-aoti | artifact-exact), ``compile``
 (bool), ``model``, ``features`` (a ``torch.save`` file: per-clip ``[1, n_mels, 3000]`` float32 features,
 their caps and seconds, and the batch of all clips), ``artifact`` (folder, for artifact-*),
 ``repeats``, ``batch`` (bool), ``max_clips`` and ``token_cap`` (the exact path: at most this many
@@ -79,6 +79,11 @@ def _build_artifact(spec: dict):
     from torch_myqasr.artifact import load_artifact
     from torch_myqasr.lowering import module_bytes, quantized_weight_bytes
 
+    if spec["config"] == "artifact-aoti":  # weights live inside the compiled library: sizes from the manifest
+        art = load_artifact(spec["artifact"], aot_inductor=True)
+        nbytes = {"weights_bytes": art.manifest["quantized_weight_bytes"], "scheme_size_bytes": art.scheme.size_bytes,
+                  "scheme_budget_mb": art.scheme.budget_mb}
+        return art.encoder, art.decoder_step, art.decoding_options(), art.max_cache_len, nbytes, torch.float32
     compute = torch.bfloat16 if spec["config"] == "artifact-bf16" else None
     art = load_artifact(spec["artifact"], compute_dtype=compute)
     nbytes = {
