@@ -319,3 +319,19 @@ def test_output_layer_distortion_is_logits_kl_plus_scaled_lookup_distance():
     # The KL term alone (no lookup use) is smaller by exactly the lookup part's contribution.
     alone, _ = output_layer_distortions(w, ["int2"], 16, x_sample=x, index_sample=None, lookup_scale=0.5)
     assert alone["int2"] < dist["int2"]
+
+
+def test_kl_objective_stays_finite_when_the_likely_tokens_collapse():
+    # Peaked logits whose top entries are pushed far down: E_p[expm1(e)] is about -1 and float32
+    # rounding of p took it below -1 (NaN on Whisper base). Compare with the direct KL.
+    from torch_myqasr.quantizer.clip_search import _KLAcc
+
+    g = torch.Generator().manual_seed(13)
+    y = torch.randn(500, 8, generator=g) * 3
+    y[0] += 40.0  # one token holds nearly all the mass
+    e = torch.randn(500, 8, generator=g) * 0.1
+    e[0] -= 30.0
+    acc = _KLAcc(y, 1)
+    acc.add(0, e[None])
+    got = float(acc.result()[0])
+    assert np.isfinite(got) and abs(got - kl_distance(y.t(), (y + e).t())) < 1e-3 * got

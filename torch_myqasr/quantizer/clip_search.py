@@ -78,18 +78,25 @@ class _KLAcc:
     def __init__(self, y: torch.Tensor, n_cand: int) -> None:
         self.p = torch.softmax(y.float(), dim=0)  # [features, R]
         self.a = torch.zeros(n_cand, y.shape[1], dtype=torch.float64)
+        self.b = torch.zeros_like(self.a)
         self.c = torch.zeros_like(self.a)
 
     def add(self, start: int, e: torch.Tensor) -> None:
         """Fold in the output error ``e`` [C, n, R] of features ``start .. start+n``."""
         p = self.p[start : start + e.shape[1]]
-        em1 = torch.expm1(e.clamp(max=KL_EXP_CLAMP))
+        ec = e.clamp(-KL_EXP_CLAMP, KL_EXP_CLAMP)
+        self.b += (torch.exp(ec) * p).sum(1, dtype=torch.float64)
+        em1 = torch.expm1(ec)
         self.a += (em1 * p).sum(1, dtype=torch.float64)
         self.c += (em1.sub_(e) * p).sum(1, dtype=torch.float64)
 
     def result(self) -> torch.Tensor:
         """Distance per candidate [C] (float64, nats, >= 0)."""
-        return (self.c + torch.log1p(self.a) - self.a).clamp(min=0.0).mean(-1)
+        # KL = log E_p[exp e] - E_p[e], with E_p[e] = A - C. log1p(A) is exact for small errors;
+        # when the error pushes the likely tokens far down, A -> -1 and float32 rounding of p can
+        # take it below -1 (NaN, seen on Whisper base's logits at int4), so there log(B) is used.
+        log_mean_exp = torch.where(self.a > -0.5, torch.log1p(self.a.clamp(min=-0.5)), torch.log(self.b.clamp(min=1e-300)))
+        return (log_mean_exp - (self.a - self.c)).clamp(min=0.0).mean(-1)
 
 
 def _accumulator(metric: str, y: torch.Tensor, n_cand: int) -> _CosineAcc | _KLAcc:
