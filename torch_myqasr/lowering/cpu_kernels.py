@@ -2,9 +2,9 @@
 
 Why: the exported Whisper programs run float32 activations, and with float32 activations the
 portable ``myqasr::linear_*`` ops dequantize the whole weight on every call (exact, but slower than
-the float32 model). aten's ``_weight_int4pack_mm_for_cpu`` is fast with **bfloat16** activations
-(5x a float32 ``F.linear`` on Whisper's 51865 x 384 output projection at one token, measured in
-benchmarks/results/kernels_cpu2.md). This pass
+the float32 model). aten's ``_weight_int4pack_mm_for_cpu`` is fast with **bfloat16** activations at the few rows of
+decoding (the deployed tiny.en decodes faster than the fp32 model: benchmarks/results/e2e_tiny-en_cpu2.md).
+This pass
 
 * converts every eligible packed weight (intB / int1, group size a multiple of 32) once into the
   kernel's own layout (`cpu.build_int4pack`: N padded to 16 rows, scales and zeros in
@@ -13,15 +13,16 @@ benchmarks/results/kernels_cpu2.md). This pass
   ``myqasr::embedding_int4pack`` on those buffers (a tied embedding / output projection stays one copy);
 * **deletes** the portable bit planes those ops read, so the weights are held once.
 
-Memory (`resident_weight_bytes`): an int4 or int8 weight costs exactly its portable bytes (bfloat16
+Memory (`torch_myqasr.lowering.quantized_weight_bytes`): an int4 or int8 weight costs exactly its portable bytes (bfloat16
 scale and zero per group where the portable format has float16 ones; int5-8 use two nibble planes
 whose high plane's scale is derived); int1-int3 weights are stored in 4-bit nibbles and int5-int7 in
 8 bits, so a scheme of those formats takes more memory on CPU than its size says. N rounds up to a
 multiple of 16 (Whisper's 51865-token vocabulary: 7 rows). nf4 weights and group sizes the kernel
 does not take stay on the portable ops.
 
-Numerics: the activations of the packed matmuls are rounded to bfloat16 (attention, norms, softmax
-and the residual stream stay float32): outputs differ from the converted model by about bfloat16
+Numerics: the activations of the decoding matmuls are rounded to bfloat16; the encoder's (more than
+`torch_myqasr.ops.int4pack.KERNEL_MAX_ROWS` rows) run in float32 on the dequantized weight;
+attention, norms, softmax and the residual stream stay float32: outputs differ from the converted model by about bfloat16
 precision and greedy transcripts can differ. Artifacts always store the portable layout;
 `torch_myqasr.artifact.load_artifact(..., compute_dtype=torch.bfloat16)` applies this pass at load.
 """
