@@ -89,6 +89,12 @@ def test_bad_inputs_name_the_file(capsys, tmp_path):
     code, _, err = _run(capsys, "eval", "--data", str(tmp_path / "libri"))
     assert code == 2 and "19-198-0002" in err
 
+    half_written = tmp_path / "model" / "artifact"  # a manifest whose listed file is missing
+    half_written.mkdir(parents=True)
+    (half_written / "manifest.json").write_text('{"format_version": 1, "versions": {}, "files": {"encoder.pt2": {"sha256": "0", "bytes": 1}}}')
+    code, _, err = _run(capsys, "transcribe", "--model", str(tmp_path / "model"), str(tree / "19-198-0001.flac"))
+    assert code == 2 and err.startswith("error: ") and "written by other versions" in err
+
 
 def test_console_script_is_installed_and_answers_help():
     out = subprocess.run([sys.executable, "-m", "torch_myqasr.cli", "--help"], capture_output=True, text=True, check=True)

@@ -19,10 +19,11 @@ from torch_myqasr.atomic import atomic_write_text
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
+    from torch_myqasr.artifact import ArtifactError
     from torch_myqasr.audio import AudioError, DatasetError
     from torch_myqasr.models import CorruptModelError, ModelLoadError
 
-    return (AudioError, DatasetError, ModelLoadError, CorruptModelError, FileNotFoundError, ValueError)
+    return (AudioError, DatasetError, ModelLoadError, CorruptModelError, ArtifactError, FileNotFoundError, ValueError)
 
 
 def _default_data() -> Path:
