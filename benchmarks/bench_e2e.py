@@ -152,9 +152,8 @@ def to_markdown(res: dict, cmd: str) -> str:
         "",
         f"Machine: {machine_line()}  ",
         f"Command: `{cmd}`  ",
-        f"Date: {res['date']} UTC. **The machine was shared** with two other engineers' jobs (1-min load average "
-        f"{res['load_before']:.1f} before, {res['load_after']:.1f} after the run): absolute times are inflated and noisy, "
-        "compare the ratios within this run.",
+        f"Date: {res['date']} UTC. 1-min load average {res['load_before']:.1f} before, {res['load_after']:.1f} after the run "
+        f"(on {os.cpu_count()} cores; other jobs inflate absolute times: compare the ratios within one run).",
         "",
         f"Clips: {len(p['clip_ids'])} corpus test clips of speaker '{res['speaker']}' ({', '.join(p['clip_ids'])}), "
         f"{sum(p['audio_seconds']):.1f} s of audio, new-token caps {p['caps']} (max_new_tokens_for). "
