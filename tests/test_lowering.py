@@ -321,7 +321,18 @@ def test_int4pack_lookup_matches_dense_rows(fmt, n):
 def test_int4pack_layout_probe_holds_on_this_torch():
     from torch_myqasr.ops import cpu
 
-    assert cpu.check_int4pack_layout()  # if aten changes its layout, the lookup must learn the new one
+    assert cpu.check_int4pack_layout()  # if aten changes its layout, the readers must learn the new one
+
+
+def test_unknown_int4pack_layout_keeps_the_portable_ops(monkeypatch):
+    from torch_myqasr.ops import cpu
+
+    monkeypatch.setattr(cpu, "check_int4pack_layout", lambda: False)
+    _, _, ld, (feats, tok) = _lowered()
+    before = _graph_lines(ld)
+    with pytest.warns(UserWarning, match="stays on the portable myqasr ops"):
+        assert use_cpu_kernels(ld) is ld
+    assert _graph_lines(ld) == before and "myqasr_compute_dtype" not in ld.meta
 
 
 def test_int4pack_ops_refuse_bad_operands():

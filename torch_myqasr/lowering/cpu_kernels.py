@@ -82,10 +82,16 @@ def use_cpu_kernels(gm: fx.GraphModule, *, compute_dtype: torch.dtype = torch.bf
         if done != compute_dtype:
             raise ValueError(f"this module already computes in {done}; lower it again to use {compute_dtype}")
         return gm
+    if not cpu.check_int4pack_layout():
+        # the lookup and the encoder's path read aten's private byte order; never guess it
+        warnings.warn(
+            "this torch's int4 CPU weight layout is not the one torch_myqasr reads; the module stays on the "
+            "portable myqasr ops (exact, slower)", stacklevel=2,
+        )
+        return gm
     graph = gm.graph
-    resident: dict[str, list[str] | None] = {}  # portable packed buffer -> resident buffer names
+    resident: dict[str, list[str]] = {}  # portable packed buffer -> resident buffer names
     portable_targets: set[str] = set()
-    layout_ok = cpu.check_int4pack_layout()
     for node in list(graph.nodes):
         if node.op != "call_function":
             continue
@@ -94,12 +100,6 @@ def use_cpu_kernels(gm: fx.GraphModule, *, compute_dtype: torch.dtype = torch.bf
             continue
         qw, group, bias = found
         if qw.device.type != "cpu" or not cpu.int4pack_eligible(qw):
-            continue
-        if node.target == EMBEDDING_OP and not layout_ok:
-            warnings.warn(
-                f"{node.name}: this torch's int4 CPU weight layout is not the one the packed lookup reads; "
-                "the lookup keeps the portable table (the weight is held twice)", stacklevel=2,
-            )
             continue
         key = node.args[1].target
         if key not in resident:

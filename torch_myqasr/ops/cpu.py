@@ -161,13 +161,7 @@ def int4pack_rows(
     kk = torch.arange(2 * half, device=ids.device)
     offset = (b0 * half + col)[:, None] + kk[None, :] * stride[:, None]  # [L, K_pad] byte positions
     codes = (cpu_packed.reshape(parts, -1)[:, offset] >> shift[None, :, None]) & 15  # [P, L, K_pad]
-    w = None
-    for plane, sz in zip(codes, _plane_scales_zeros(cpu_scales_zeros.float(), parts)):
-        s = sz[:, ids, 0].t().repeat_interleave(g_aten, dim=1)  # [L, K_pad]
-        z = sz[:, ids, 1].t().repeat_interleave(g_aten, dim=1)
-        part = (plane.float() - 8.0) * s + z
-        w = part if w is None else w + part
-    return w[:, :k].contiguous()
+    return _weight_of_codes(codes, cpu_scales_zeros[:, ids], g_aten, k)
 
 
 def int4pack_dequantize(cpu_packed: torch.Tensor, cpu_scales_zeros: torch.Tensor, group_size: int, n: int, k: int) -> torch.Tensor:
@@ -184,24 +178,33 @@ def int4pack_dequantize(cpu_packed: torch.Tensor, cpu_scales_zeros: torch.Tensor
         tail = flat[:, n_full * half :].reshape(parts, k_pad, 8)
         tail = torch.stack([tail & 15, tail >> 4], dim=-1).reshape(parts, k_pad, 16).transpose(1, 2)
         codes = torch.cat([codes, tail], dim=1)
+    return _weight_of_codes(codes[:, :n], cpu_scales_zeros[:, :n], g_aten, k)
+
+
+def _weight_of_codes(codes: torch.Tensor, scales_zeros: torch.Tensor, g_aten: int, k: int) -> torch.Tensor:
+    """float32 ``[R, k]`` rows from nibble codes ``[P, R, K_pad]`` and their ``[groups, R, 2]`` (scale, zero)."""
     w = None
-    for plane, sz in zip(codes, _plane_scales_zeros(cpu_scales_zeros.float(), parts)):
-        s = sz[..., 0].t().repeat_interleave(g_aten, dim=1)  # [N16, K_pad]
+    for plane, sz in zip(codes, _plane_scales_zeros(scales_zeros.float(), codes.shape[0])):
+        s = sz[..., 0].t().repeat_interleave(g_aten, dim=1)  # [R, K_pad]
         z = sz[..., 1].t().repeat_interleave(g_aten, dim=1)
         part = (plane.float() - 8.0) * s + z
         w = part if w is None else w + part
-    return w[:n, :k].contiguous()
+    return w[:, :k].contiguous()
 
 
 @functools.lru_cache(maxsize=None)
 def check_int4pack_layout() -> bool:
-    """Whether `int4pack_rows` reads this torch's int4 CPU layout correctly (a 48-row probe, once per process)."""
+    """Whether `int4pack_rows` and `int4pack_dequantize` read this torch's int4 CPU layout correctly.
+
+    A 48-row probe (a full block of 32 and a last block of 16), once per process.
+    """
     g = torch.Generator().manual_seed(0)
     codes = torch.randint(0, 16, (48, 64), generator=g, dtype=torch.int32)
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)[None]
     ones = torch.stack([torch.ones(2, 48), torch.full((2, 48), 8.0)], dim=-1)  # w = (q - 8) + 8 = q
     rows = int4pack_rows(packed, ones, torch.arange(48), 32, 64)
-    return torch.equal(rows, codes.float())
+    whole = int4pack_dequantize(packed, ones, 32, 48, 64)
+    return torch.equal(rows, codes.float()) and torch.equal(whole, codes.float())
 
 
 def dequantize_packed(
